@@ -1,0 +1,312 @@
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal, TypeAlias
+
+import diffrax
+import equinox as eqx
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from equinox.internal import ω
+from jaxtyping import ArrayLike, PyTree
+
+from ._custom_types import Args, BoolScalarLike, DenseInfo, RealScalarLike, VF, Y
+
+
+_SolverState: TypeAlias = Y
+
+# Solvers whose step is not a function of its start point alone: they carry a state of
+# their own between steps, so the reversible scheme cannot call them as `Φ_h`.
+_STATEFUL_SOLVERS = (diffrax.ReversibleHeun, diffrax.LeapfrogMidpoint)
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def _first_failure(*results: diffrax.RESULTS) -> diffrax.RESULTS:
+    out = diffrax.RESULTS.successful
+    for result in results:
+        out = diffrax.RESULTS.where(out == diffrax.RESULTS.successful, result, out)
+    return out
+
+
+def _check_base_solver(solver: diffrax.AbstractSolver) -> None:
+    name = type(solver).__name__
+    if isinstance(solver, diffrax.AbstractImplicitSolver):
+        raise ValueError(
+            f"`Reversible({name}())` is not possible: `{name}` is an implicit solver, "
+            "and `Reversible` needs an explicit one, whose step is cheap to evaluate "
+            "backwards in time. Consider `Reversible(diffrax.Tsit5())`."
+        )
+    if type(solver) is Reversible or isinstance(solver, _STATEFUL_SOLVERS):
+        raise ValueError(
+            f"`Reversible({name}(...))` is not possible: `{name}` carries state "
+            "between steps, so a single step is not a function of its start point. "
+            "Wrap a one-step explicit solver instead, e.g. `Reversible(diffrax.Tsit5())`"
+            ", or use `ReversibleAdjoint` with the native reversible solver directly "
+            "once supported."
+        )
+    if isinstance(solver, diffrax.AbstractSRK):
+        raise ValueError(
+            f"`Reversible({name}())` is not supported: Diffrax<=0.7.2 computes steps "
+            "of stochastic Runge--Kutta solvers with Lévy area wrongly when they are "
+            "taken backwards in time (diffrax issue #598). Consider "
+            "`Reversible(diffrax.Heun())` or `Reversible(diffrax.Midpoint())`."
+        )
+
+
+class _ReversibleInterpolation(diffrax.AbstractLocalInterpolation):
+    # Within a step, `y - z` moves linearly from `y0 - z0` to `y1 - Φ_h(t0, z0)`, on top
+    # of the base solver's own interpolation of `z0 -> Φ_h(t0, z0)`. This matches both
+    # ends of the step exactly and keeps the base interpolant's order.
+    t0: RealScalarLike
+    t1: RealScalarLike
+    base: diffrax.AbstractLocalInterpolation
+    y0_offset: Y
+    y1_offset: Y
+
+    def evaluate(
+        self, t0: RealScalarLike, t1: RealScalarLike | None = None, left: bool = True
+    ) -> Y:
+        if t1 is not None:
+            return (self.evaluate(t1, left=left) ** ω - self.evaluate(t0, left=left) ** ω).ω
+        theta = (t0 - self.t0) / (self.t1 - self.t0)
+        base = self.base.evaluate(t0, left=left)
+        offset = (self.y0_offset**ω + theta * (self.y1_offset**ω - self.y0_offset**ω)).ω
+        return (base**ω + offset**ω).ω
+
+
+class _ReversibleInterpolationFactory(eqx.Module):
+    # A module rather than `functools.partial`, so that it hashes by value: Diffrax keeps
+    # `interpolation_cls` as a static field of `DenseInterpolation`.
+    base_interpolation_cls: Callable[..., diffrax.AbstractLocalInterpolation] = (
+        eqx.field(static=True)
+    )
+
+    def __call__(
+        self,
+        *,
+        t0: RealScalarLike,
+        t1: RealScalarLike,
+        base: DenseInfo,
+        y0_offset: Y,
+        y1_offset: Y,
+    ) -> _ReversibleInterpolation:
+        return _ReversibleInterpolation(
+            t0=t0,
+            t1=t1,
+            base=self.base_interpolation_cls(t0=t0, t1=t1, **base),
+            y0_offset=y0_offset,
+            y1_offset=y1_offset,
+        )
+
+
+class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
+    """Makes any explicit one-step solver algebraically reversible.
+
+    With `Φ_h(t, x)` one step of the wrapped solver from `t` to `t + h`, the solver
+    evolves two coupled states `(y, z)`, starting from `y0 = z0`:
+
+    ```
+    y1 = λ (y0 - z0) + Φ_h(t0, z0)
+    z1 = y1 + z0 - Φ_{-h}(t1, y1)
+    ```
+
+    This step can be undone in closed form,
+
+    ```
+    z0 = z1 - y1 + Φ_{-h}(t1, y1)
+    y0 = (y1 - Φ_h(t0, z0)) / λ + z0
+    ```
+
+    which is what lets [`diffrax_reversible.ReversibleAdjoint`][] backpropagate through
+    a solve in constant memory, reconstructing the forward states on the way back.
+
+    The solution output is `y`; `z` is kept as the solver state. The order (and, for
+    SDEs, the strong order) of the wrapped solver is retained. The error estimate for
+    adaptive step sizing is that of the wrapped solver's step `Φ_h(t0, z0)`, so
+    `Reversible(solver)` can use an adaptive step size controller exactly when `solver`
+    can. Dense output (`SaveAt(ts=...)`) uses the wrapped solver's interpolant of the
+    `z`-step, shifted linearly by `y - z`.
+
+    Each step makes two steps of the wrapped solver. First-same-as-last solvers (e.g.
+    [`diffrax.Tsit5`][]) re-evaluate their first stage in every step, because each step
+    of the wrapped solver must depend only on its start point.
+
+    !!! info
+
+        `Reversible(solver)` is an ordinary Diffrax solver: it works with every
+        Diffrax adjoint that `solver` works with, and with forward-mode autodiff. Only
+        [`diffrax_reversible.ReversibleAdjoint`][] makes use of its reversibility.
+
+    ??? cite "Reference"
+
+        ```bibtex
+        @article{mccallum2024efficient,
+            title={Efficient, Accurate and Stable Gradients for Neural ODEs},
+            author={McCallum, Sam and Foster, James},
+            journal={arXiv:2410.11648},
+            year={2024}
+        }
+        ```
+    """
+
+    solver: diffrax.AbstractSolver
+    coupling_parameter: float = 0.999
+    scan_kind: None | Literal["lax", "checkpointed", "bounded"] = None
+
+    def __check_init__(self):
+        _check_base_solver(self.solver)
+        coupling = self.coupling_parameter
+        if isinstance(coupling, (int, float)) and not 0 < coupling <= 1:
+            raise ValueError(
+                f"`Reversible(..., coupling_parameter={coupling})` is not valid: the "
+                "coupling parameter must lie in (0, 1]. The default is 0.999."
+            )
+
+    @property
+    def term_structure(self):
+        return self.solver.term_structure
+
+    @property
+    def interpolation_cls(self):  # pyright: ignore
+        return _ReversibleInterpolationFactory(self.solver.interpolation_cls)
+
+    @property
+    def term_compatible_contr_kwargs(self):
+        return self.solver.term_compatible_contr_kwargs
+
+    def order(self, terms: PyTree[diffrax.AbstractTerm]) -> int | None:
+        return self.solver.order(terms)
+
+    def strong_order(self, terms: PyTree[diffrax.AbstractTerm]) -> RealScalarLike | None:
+        return self.solver.strong_order(terms)
+
+    def error_order(self, terms: PyTree[diffrax.AbstractTerm]) -> RealScalarLike | None:
+        # The error estimate is the wrapped solver's, made on one of its own steps.
+        return self.solver.error_order(terms)
+
+    def init(
+        self,
+        terms: PyTree[diffrax.AbstractTerm],
+        t0: RealScalarLike,
+        t1: RealScalarLike,
+        y0: Y,
+        args: Args,
+    ) -> _SolverState:
+        del terms, t0, t1, args
+        return y0
+
+    def step(
+        self,
+        terms: PyTree[diffrax.AbstractTerm],
+        t0: RealScalarLike,
+        t1: RealScalarLike,
+        y0: Y,
+        args: Args,
+        solver_state: _SolverState,
+        made_jump: BoolScalarLike,
+    ) -> tuple[Y, Y | None, DenseInfo, _SolverState, diffrax.RESULTS]:
+        del made_jump  # Every base step starts afresh anyway.
+        z0 = solver_state
+        coupling = self._coupling(y0)
+        z_step, y_error, base_dense_info, result1 = self.base_step(
+            terms, t0, t1, z0, args
+        )
+        y1 = (coupling * (y0**ω - z0**ω) + z_step**ω).ω
+        y1_back, _, _, result2 = self.base_step(terms, t1, t0, y1, args)
+        z1 = (y1**ω + z0**ω - y1_back**ω).ω
+        dense_info = dict(
+            base=base_dense_info,
+            y0_offset=(y0**ω - z0**ω).ω,
+            y1_offset=(y1**ω - z_step**ω).ω,
+        )
+        return y1, y_error, dense_info, z1, _first_failure(result1, result2)
+
+    def inverse_step(
+        self,
+        terms: PyTree[diffrax.AbstractTerm],
+        t0: RealScalarLike,
+        t1: RealScalarLike,
+        y1: Y,
+        z1: Y,
+        args: Args,
+    ) -> tuple[Y, Y]:
+        """Undoes one step: recovers the state at `t0` from the state at `t1`.
+
+        **Arguments:**
+
+        - `terms`, `args`: as passed to `step`.
+        - `t0`, `t1`: the interval of the step to undo.
+        - `y1`, `z1`: the solution and the solver state at `t1`, as returned by `step`.
+
+        **Returns:**
+
+        The pair `(y0, z0)` that `step` was called with, up to floating-point round-off.
+        """
+        coupling = self._coupling(y1)
+        y1_back, _, _, _ = self.base_step(terms, t1, t0, y1, args)
+        z0 = (z1**ω - y1**ω + y1_back**ω).ω
+        z_step, _, _, _ = self.base_step(terms, t0, t1, z0, args)
+        y0 = ((y1**ω - z_step**ω) / coupling + z0**ω).ω
+        return y0, z0
+
+    def base_step(
+        self,
+        terms: PyTree[diffrax.AbstractTerm],
+        t0: RealScalarLike,
+        t1: RealScalarLike,
+        x0: Y,
+        args: Args,
+    ) -> tuple[Y, Y | None, DenseInfo, diffrax.RESULTS]:
+        """One step `Φ` of the wrapped solver from `t0` to `t1` (either way in time),
+        as a pure function of its start point `x0`.
+
+        **Returns:**
+
+        A 4-tuple of the end point, the error estimate, the dense information and the
+        result of the wrapped solver's step.
+        """
+        solver = self._solver_with_scan_kind()
+        # A fresh state and `made_jump=True` make first-same-as-last solvers evaluate
+        # their first stage at `x0`, instead of reusing one from another trajectory.
+        solver_state = solver.init(terms, t0, t1, x0, args)
+        x1, error, dense_info, _, result = solver.step(
+            terms, t0, t1, x0, args, solver_state, made_jump=True
+        )
+        return x1, error, dense_info, result
+
+    def func(
+        self, terms: PyTree[diffrax.AbstractTerm], t0: RealScalarLike, y0: Y, args: Args
+    ) -> VF:
+        return self.solver.func(terms, t0, y0, args)
+
+    def _coupling(self, like: Y) -> ArrayLike:
+        # Cast to the state's dtype: strict dtype promotion forbids mixing.
+        dtype = jnp.result_type(*jtu.tree_leaves(like))
+        return jnp.asarray(self.coupling_parameter, dtype=dtype)
+
+    def _solver_with_scan_kind(self) -> diffrax.AbstractSolver:
+        # `DirectAdjoint` and `ForwardMode` set `scan_kind` on what they believe is a
+        # Runge--Kutta solver (the `isinstance` check sees through the wrapper).
+        if self.scan_kind is None or not isinstance(
+            self.solver, (diffrax.AbstractRungeKutta, diffrax.AbstractSRK)
+        ):
+            return self.solver
+        return eqx.tree_at(
+            lambda s: s.scan_kind, self.solver, self.scan_kind, is_leaf=_is_none
+        )
+
+
+Reversible.__init__.__doc__ = """**Arguments:**
+
+- `solver`: the explicit solver to make reversible, e.g. `diffrax.Tsit5()`. Implicit
+    solvers, solvers that carry state between steps (`diffrax.ReversibleHeun`,
+    `diffrax.LeapfrogMidpoint`, `Reversible` itself) and stochastic Runge--Kutta solvers
+    with Lévy area raise a `ValueError`.
+- `coupling_parameter`: the coupling `λ` in `(0, 1]` between the two states. Values
+    close to 1 make the backward reconstruction most stable (round-off grows like
+    `λ^{-N}` over `N` steps); smaller values damp the parasitic mode of the scheme more
+    strongly. Defaults to 0.999.
+- `scan_kind`: passed on to the wrapped solver's `scan_kind`, if it has one; see
+    [`diffrax.AbstractRungeKutta`][]. Normally left as `None`.
+"""
