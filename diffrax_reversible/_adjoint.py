@@ -1,4 +1,5 @@
 import functools as ft
+import types
 from typing import Any
 
 import diffrax
@@ -80,6 +81,26 @@ def _check_supported(*, solver, terms, saveat, event, max_steps) -> None:
                 "`adjoint=ReversibleAdjoint()` does not support `SaveAt(fn=...)` yet. "
                 "Save `y` and apply the function to `sol.ys` instead."
             )
+
+
+def _closure_convert_vector_fields(terms, t0, y0, args):
+    """A custom VJP differentiates only its explicit inputs. A vector field such as
+    `lambda t, y, args: model(y)` closes over `model`; turning the closure into a pytree
+    makes `model`'s arrays explicit inputs, so they get gradients."""
+
+    def is_term_with_vector_field(x):
+        return isinstance(x, (diffrax.ODETerm, diffrax.ControlTerm))
+
+    def convert(term):
+        if not is_term_with_vector_field(term):
+            return term
+        vector_field = term.vector_field
+        if isinstance(vector_field, types.FunctionType) and vector_field.__closure__:
+            vector_field = eqx.filter_closure_convert(vector_field, t0, y0, args)
+            term = eqx.tree_at(lambda x: x.vector_field, term, vector_field)
+        return term
+
+    return jtu.tree_map(convert, terms, is_leaf=is_term_with_vector_field)
 
 
 def _steps_are_contiguous(controller: diffrax.AbstractStepSizeController) -> bool:
@@ -388,12 +409,10 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
     [`diffrax_reversible.Reversible`][], `max_steps=None`, `UnsafeBrownianPath`, events,
     `SaveAt(steps=...)`, `SaveAt(fn=...)` and `SaveAt(dense=True)`.
 
-    !!! warning
-
-        Like [`diffrax.BacksolveAdjoint`][], only the first argument of a custom VJP
-        is differentiated: a vector field that closes over a value being
-        differentiated raises a `CustomVJPException`. Pass such values through `args`,
-        or make the vector field an `eqx.Module` holding them.
+    A vector field that closes over values being differentiated (for example
+    `ODETerm(lambda t, y, args: model(y))`) is supported for `ODETerm` and `ControlTerm`:
+    the closure is converted into a pytree first. Other custom terms should hold such
+    values as fields, or receive them through `args`.
 
     !!! info
 
@@ -445,6 +464,7 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
             ),
             is_leaf=_is_none,
         )
+        terms = _closure_convert_vector_fields(terms, t0, y0, args)
         final_state, aux_stats = _loop_reversible(
             (y0, z0, args, terms),
             self=self,
