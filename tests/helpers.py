@@ -2,6 +2,7 @@ import diffrax
 import equinox as eqx
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import pytest
 
 
 # Explicit solvers that `Reversible` must support, with their ODE order.
@@ -15,9 +16,21 @@ all_base_solvers = (
     (diffrax.Dopri5(), 5),
     (diffrax.Dopri8(), 8),
 )
-adaptive_base_solvers = tuple(
-    s for s, _ in all_base_solvers if isinstance(s, diffrax.AbstractAdaptiveSolver)
-)
+# The bases every default (fast) test run covers; the others run with `-m slow`.
+fast_base_solvers = (diffrax.Euler, diffrax.Heun, diffrax.Tsit5)
+
+
+def base_solver_params():
+    """`all_base_solvers` as pytest params, the less common bases marked slow."""
+    return [
+        pytest.param(
+            base,
+            order,
+            id=type(base).__name__,
+            marks=() if isinstance(base, fast_base_solvers) else pytest.mark.slow,
+        )
+        for base, order in all_base_solvers
+    ]
 
 
 def rel_error(x, y):

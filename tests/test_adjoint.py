@@ -8,7 +8,7 @@ import jax.tree_util as jtu
 import pytest
 
 from .helpers import (
-    all_base_solvers,
+    base_solver_params,
     decaying_oscillator,
     grad_tol,
     rel_error,
@@ -56,7 +56,7 @@ def _loss_and_grad(adjoint, y0, args, **kwargs):
     return loss((y0, args))
 
 
-@pytest.mark.parametrize("base,order", all_base_solvers)
+@pytest.mark.parametrize("base,order", base_solver_params())
 @pytest.mark.parametrize("saveat", _saveats)
 @pytest.mark.parametrize("controller", _controllers)
 def test_gradients_match_recursive_checkpoint(base, order, saveat, controller):

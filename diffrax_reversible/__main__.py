@@ -1,0 +1,4 @@
+from ._demo import main
+
+
+main()

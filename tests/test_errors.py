@@ -1,0 +1,126 @@
+import diffrax
+import diffrax_reversible as dr
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import pytest
+
+
+def _solve(
+    solver=None,
+    adjoint=None,
+    saveat=diffrax.SaveAt(t1=True),
+    terms=None,
+    **kwargs,
+):
+    return diffrax.diffeqsolve(
+        diffrax.ODETerm(lambda t, y, args: -y) if terms is None else terms,
+        dr.Reversible(diffrax.Tsit5()) if solver is None else solver,
+        0.0,
+        1.0,
+        0.1,
+        jnp.array([1.0]),
+        saveat=saveat,
+        adjoint=dr.ReversibleAdjoint() if adjoint is None else adjoint,
+        **kwargs,
+    )
+
+
+def test_solver_not_reversible():
+    with pytest.raises(ValueError, match=r"solver=Reversible\(Tsit5\(\)\)"):
+        _solve(solver=diffrax.Tsit5())
+
+
+@pytest.mark.parametrize(
+    "base", [diffrax.Kvaerno5(), diffrax.ImplicitEuler(), diffrax.KenCarp4()]
+)
+def test_implicit_base(base):
+    with pytest.raises(ValueError, match="implicit solver"):
+        dr.Reversible(base)
+
+
+@pytest.mark.parametrize(
+    "base",
+    [
+        diffrax.ReversibleHeun(),
+        diffrax.LeapfrogMidpoint(),
+        dr.Reversible(diffrax.Tsit5()),
+    ],
+)
+def test_stateful_base(base):
+    with pytest.raises(ValueError, match="carries state between steps"):
+        dr.Reversible(base)
+
+
+def test_levy_area_srk_base():
+    with pytest.raises(ValueError, match="#598"):
+        dr.Reversible(diffrax.ShARK())
+
+
+@pytest.mark.parametrize("coupling", [0.0, -0.5, 1.5])
+def test_coupling_out_of_range(coupling):
+    with pytest.raises(ValueError, match=r"must lie in \(0, 1\]"):
+        dr.Reversible(diffrax.Tsit5(), coupling_parameter=coupling)
+
+
+def test_coupling_of_one_is_allowed():
+    sol = _solve(solver=dr.Reversible(diffrax.Tsit5(), coupling_parameter=1.0))
+    assert jnp.allclose(sol.ys[-1], jnp.exp(-1.0), rtol=1e-6)
+
+
+def test_max_steps_none():
+    with pytest.raises(ValueError, match="max_steps=None"):
+        _solve(max_steps=None)
+
+
+def test_events_unsupported():
+    event = diffrax.Event(lambda t, y, args, **kwargs: y[0] < 0.5)
+    with pytest.raises(ValueError, match="event="):
+        _solve(event=event)
+
+
+@pytest.mark.parametrize(
+    "saveat,match",
+    [
+        (diffrax.SaveAt(steps=True), r"SaveAt\(steps=...\)"),
+        (diffrax.SaveAt(dense=True), r"SaveAt\(dense=True\)"),
+        (diffrax.SaveAt(t1=True, fn=lambda t, y, args: y**2), r"SaveAt\(fn=...\)"),
+        (
+            diffrax.SaveAt(
+                subs=[diffrax.SubSaveAt(t1=True), diffrax.SubSaveAt(steps=True)]
+            ),
+            r"SaveAt\(steps=...\)",
+        ),
+    ],
+)
+def test_unsupported_saveat(saveat, match):
+    with pytest.raises(ValueError, match=match):
+        _solve(saveat=saveat)
+
+
+def test_unsafe_brownian_path():
+    brownian = diffrax.UnsafeBrownianPath(shape=(1,), key=jr.PRNGKey(0))
+    terms = diffrax.MultiTerm(
+        diffrax.ODETerm(lambda t, y, args: -y),
+        diffrax.ControlTerm(lambda t, y, args: 0.1 * y, brownian),
+    )
+    with pytest.raises(ValueError, match="VirtualBrownianTree"):
+        _solve(terms=terms, solver=dr.Reversible(diffrax.Heun()))
+
+
+def test_time_gradients_raise_clearly():
+    def loss(t1):
+        return jnp.sum(
+            diffrax.diffeqsolve(
+                diffrax.ODETerm(lambda t, y, args: -y),
+                dr.Reversible(diffrax.Tsit5()),
+                0.0,
+                t1,
+                0.1,
+                jnp.array([1.0]),
+                adjoint=dr.ReversibleAdjoint(),
+            ).ys
+        )
+
+    with pytest.raises(Exception, match="does not support gradients with respect to"):
+        jax.grad(loss)(1.0)
