@@ -5,11 +5,9 @@ from typing import Any
 import diffrax
 import equinox as eqx
 import equinox.internal as eqxi
-import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from equinox.internal import ω
 from jaxtyping import Array, PyTree
 
 from ._diffrax_internals import (
@@ -50,13 +48,15 @@ def _check_supported(*, solver, terms, saveat, event, max_steps) -> None:
     if is_unsafe_sde(terms):
         raise ValueError(
             "`adjoint=ReversibleAdjoint()` does not support `UnsafeBrownianPath`: the "
-            "backward pass must re-evaluate the Brownian path, which `UnsafeBrownianPath` "
-            "cannot reconstruct. Consider `diffrax.VirtualBrownianTree` instead."
+            "backward pass must re-evaluate the Brownian path, which "
+            "`UnsafeBrownianPath` cannot reconstruct. Consider "
+            "`diffrax.VirtualBrownianTree` instead."
         )
     if max_steps is None:
         raise ValueError(
-            "`adjoint=ReversibleAdjoint()` does not support `max_steps=None`: the times "
-            "of the accepted steps are recorded in a buffer of length `max_steps`. "
+            "`adjoint=ReversibleAdjoint()` does not support `max_steps=None`: the "
+            "times of the accepted steps are recorded in a buffer of length "
+            "`max_steps`. "
             "Pass an integer `max_steps`."
         )
     if event is not None:
@@ -66,14 +66,15 @@ def _check_supported(*, solver, terms, saveat, event, max_steps) -> None:
         )
     if saveat.dense:
         raise ValueError(
-            "`adjoint=ReversibleAdjoint()` does not support `SaveAt(dense=True)` yet. "
-            "Consider `SaveAt(ts=...)`, or `adjoint=diffrax.RecursiveCheckpointAdjoint()`."
+            "`adjoint=ReversibleAdjoint()` does not support `SaveAt(dense=True)` "
+            "yet. Consider `SaveAt(ts=...)`, or "
+            "`adjoint=diffrax.RecursiveCheckpointAdjoint()`."
         )
     for sub in jtu.tree_leaves(saveat.subs, is_leaf=_is_subsaveat):
         if sub.steps != 0:
             raise ValueError(
-                "`adjoint=ReversibleAdjoint()` does not support `SaveAt(steps=...)` yet. "
-                "Consider `SaveAt(ts=...)`, or "
+                "`adjoint=ReversibleAdjoint()` does not support `SaveAt(steps=...)` "
+                "yet. Consider `SaveAt(ts=...)`, or "
                 "`adjoint=diffrax.RecursiveCheckpointAdjoint()`."
             )
         if sub.fn is not save_y:
@@ -294,7 +295,9 @@ def _loop_reversible_bwd(
     else:
         grad_ys = [
             s.ys
-            for s in jtu.tree_leaves(grad_final_state.save_state, is_leaf=_is_save_state)
+            for s in jtu.tree_leaves(
+                grad_final_state.save_state, is_leaf=_is_save_state
+            )
         ]
     saved = [_split_saved_cotangents(s, g, y0) for s, g in zip(subs, grad_ys)]
     with_ts = [i for i, sub in enumerate(subs) if sub.ts is not None]
@@ -377,7 +380,9 @@ def _loop_reversible_bwd(
     y_bar = _tree_add(y_bar, _sum_present([c.t0 for c in saved], y0))
     no_steps = t0 == t1
     for i in with_ts:
-        ts_bar = jtu.tree_map(lambda c: jnp.where(no_steps, c.sum(axis=0), 0), saved[i].ts)
+        ts_bar = jtu.tree_map(
+            lambda c: jnp.where(no_steps, c.sum(axis=0), 0), saved[i].ts
+        )
         y_bar = _tree_add(y_bar, ts_bar)
     return y_bar, z_bar, args_bar, terms_bar
 
@@ -410,9 +415,9 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
     `SaveAt(steps=...)`, `SaveAt(fn=...)` and `SaveAt(dense=True)`.
 
     A vector field that closes over values being differentiated (for example
-    `ODETerm(lambda t, y, args: model(y))`) is supported for `ODETerm` and `ControlTerm`:
-    the closure is converted into a pytree first. Other custom terms should hold such
-    values as fields, or receive them through `args`.
+    `ODETerm(lambda t, y, args: model(y))`) is supported for `ODETerm` and
+    `ControlTerm`: the closure is converted into a pytree first. Other custom terms
+    should hold such values as fields, or receive them through `args`.
 
     !!! info
 

@@ -101,7 +101,10 @@ def main(argv=None):
     rows = []
     reference = None
     for name, adjoint in [
-        ("RecursiveCheckpointAdjoint (Diffrax's default)", diffrax.RecursiveCheckpointAdjoint()),
+        (
+            "RecursiveCheckpointAdjoint (Diffrax's default)",
+            diffrax.RecursiveCheckpointAdjoint(),
+        ),
         ("DirectAdjoint (stores the solve)", diffrax.DirectAdjoint()),
         ("ReversibleAdjoint", ReversibleAdjoint()),
     ]:
@@ -127,7 +130,9 @@ def main(argv=None):
     print(header)
     print("|---|---|---|---|---|")
     for name, diff, mib, compile_time, run_time in rows:
-        print(f"| {name} | {diff:.2e} | {mib:.2f} | {compile_time:.2f} | {run_time:.3f} |")
+        print(
+            f"| {name} | {diff:.2e} | {mib:.2f} | {compile_time:.2f} | {run_time:.3f} |"
+        )
     reversible = rows[-1]
     for name, _, mib, _, run_time in rows[:-1]:
         print(

@@ -1,5 +1,5 @@
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 import diffrax
 import equinox as eqx
@@ -41,9 +41,8 @@ def _check_base_solver(solver: diffrax.AbstractSolver) -> None:
         raise ValueError(
             f"`Reversible({name}(...))` is not possible: `{name}` carries state "
             "between steps, so a single step is not a function of its start point. "
-            "Wrap a one-step explicit solver instead, e.g. `Reversible(diffrax.Tsit5())`"
-            ", or use `ReversibleAdjoint` with the native reversible solver directly "
-            "once supported."
+            "Wrap a one-step explicit solver instead, e.g. "
+            "`Reversible(diffrax.Tsit5())`."
         )
     if isinstance(solver, diffrax.AbstractSRK):
         raise ValueError(
@@ -68,7 +67,9 @@ class _ReversibleInterpolation(diffrax.AbstractLocalInterpolation):
         self, t0: RealScalarLike, t1: RealScalarLike | None = None, left: bool = True
     ) -> Y:
         if t1 is not None:
-            return (self.evaluate(t1, left=left) ** ω - self.evaluate(t0, left=left) ** ω).ω
+            y0 = self.evaluate(t0, left=left)
+            y1 = self.evaluate(t1, left=left)
+            return (y1**ω - y0**ω).ω
         theta = (t0 - self.t0) / (self.t1 - self.t0)
         base = self.base.evaluate(t0, left=left)
         offset = (self.y0_offset**ω + theta * (self.y1_offset**ω - self.y0_offset**ω)).ω
@@ -76,8 +77,8 @@ class _ReversibleInterpolation(diffrax.AbstractLocalInterpolation):
 
 
 class _ReversibleInterpolationFactory(eqx.Module):
-    # A module rather than `functools.partial`, so that it hashes by value: Diffrax keeps
-    # `interpolation_cls` as a static field of `DenseInterpolation`.
+    # A module rather than `functools.partial`, so that it hashes by value: Diffrax
+    # keeps `interpolation_cls` as a static field of `DenseInterpolation`.
     base_interpolation_cls: Callable[..., diffrax.AbstractLocalInterpolation] = (
         eqx.field(static=True)
     )
@@ -178,7 +179,9 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
     def order(self, terms: PyTree[diffrax.AbstractTerm]) -> int | None:
         return self.solver.order(terms)
 
-    def strong_order(self, terms: PyTree[diffrax.AbstractTerm]) -> RealScalarLike | None:
+    def strong_order(
+        self, terms: PyTree[diffrax.AbstractTerm]
+    ) -> RealScalarLike | None:
         return self.solver.strong_order(terms)
 
     def error_order(self, terms: PyTree[diffrax.AbstractTerm]) -> RealScalarLike | None:

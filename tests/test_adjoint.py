@@ -51,7 +51,8 @@ def _loss_and_grad(adjoint, y0, args, **kwargs):
     @jax.value_and_grad
     def loss(y0__args):
         ys = _solve(*y0__args, adjoint=adjoint, **kwargs)
-        return jnp.sum(jnp.sin(ys) * jnp.arange(ys.size, dtype=ys.dtype).reshape(ys.shape))
+        weights = jnp.arange(ys.size, dtype=ys.dtype).reshape(ys.shape)
+        return jnp.sum(jnp.sin(ys) * weights)
 
     return loss((y0, args))
 
@@ -62,7 +63,7 @@ def _loss_and_grad(adjoint, y0, args, **kwargs):
 def test_gradients_match_recursive_checkpoint(base, order, saveat, controller):
     del order
     if controller == "pid" and not isinstance(base, diffrax.AbstractAdaptiveSolver):
-        pytest.skip("Diffrax rejects adaptive steps for a solver with no error estimate")
+        pytest.skip("Diffrax rejects adaptive steps for solvers with no error estimate")
     y0 = jnp.array([1.0, -0.5])
     args = (jnp.array(0.3), jnp.array(1.7))
     kwargs = dict(
@@ -229,7 +230,10 @@ def test_vmap_with_different_step_counts():
         single_grad(y0, args, t1, diffrax.RecursiveCheckpointAdjoint())[0]
         for y0, t1 in zip(y0s, t1s)
     ]
-    ref_grads = (jnp.stack([r[0] for r in ref]), jtu.tree_map(lambda *g: sum(g), *[r[1] for r in ref]))
+    ref_grads = (
+        jnp.stack([r[0] for r in ref]),
+        jtu.tree_map(lambda *g: sum(g), *[r[1] for r in ref]),
+    )
     assert rel_error(grads, ref_grads) < grad_tol(jnp.float64)
 
 
