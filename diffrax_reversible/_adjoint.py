@@ -320,17 +320,8 @@ def _loop_reversible_bwd(
         k, y1, z1, y1_bar, z1_bar, args_bar, terms_bar, pointers = carry
         step_t0 = step_start(k)
         step_t1 = record.ends[k]
-        y0_k, z0_k = solver.inverse_step(terms, step_t0, step_t1, y1, z1, args)
-
-        def step(y__z__args__terms):
-            _y0, _z0, _args, _terms = y__z__args__terms
-            _y1, _, _dense_info, _z1, _ = solver.step(
-                _terms, step_t0, step_t1, _y0, _args, _z0, False
-            )
-            return _y1, _z1, _dense_info
-
-        (_, _, dense_info), pull_back_step = eqx.filter_vjp(
-            step, (y0_k, z0_k, args, terms)
+        y0_k, z0_k, dense_info, pull_back_step = solver.inverse_step_and_vjp(
+            terms, step_t0, step_t1, y1, z1, args
         )
         interpolation = lambda info: solver.interpolation_cls(
             t0=step_t0, t1=step_t1, **info
@@ -349,8 +340,8 @@ def _loop_reversible_bwd(
                 dense_info_bar,
             )
             new_pointers.append(pointer)
-        ((y0_bar, z0_bar, args_bar_k, terms_bar_k),) = pull_back_step(
-            (y1_bar, z1_bar, dense_info_bar)
+        y0_bar, z0_bar, args_bar_k, terms_bar_k = pull_back_step(
+            y1_bar, z1_bar, dense_info_bar
         )
         return (
             k - 1,

@@ -22,6 +22,11 @@ def _is_none(x: Any) -> bool:
     return x is None
 
 
+def _add_cotangents(x, y):
+    # Cotangents of the same pytree, with `None` where nothing is differentiable.
+    return jtu.tree_map(lambda a, b: a + b, x, y)
+
+
 def _first_failure(*results: diffrax.RESULTS) -> diffrax.RESULTS:
     out = diffrax.RESULTS.successful
     for result in results:
@@ -252,6 +257,78 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
         z_step, _, _, _ = self.base_step(terms, t0, t1, z0, args)
         y0 = ((y1**ω - z_step**ω) / coupling + z0**ω).ω
         return y0, z0
+
+    def inverse_step_and_vjp(
+        self,
+        terms: PyTree[diffrax.AbstractTerm],
+        t0: RealScalarLike,
+        t1: RealScalarLike,
+        y1: Y,
+        z1: Y,
+        args: Args,
+    ) -> tuple[Y, Y, DenseInfo, Callable]:
+        """Undoes one step and linearises it, in one pass.
+
+        The two base steps that the inverse evaluates, `Φ_{-h}(t1, y1)` and
+        `Φ_h(t0, z0)`, are the same ones the step's vector-Jacobian product needs: each
+        is evaluated once, under `eqx.filter_vjp`, and serves both.
+
+        **Arguments:** as `inverse_step`.
+
+        **Returns:**
+
+        A 4-tuple `(y0, z0, dense_info, pull_back)`. `dense_info` is what `step` returns
+        for this step. `pull_back(y1_bar, z1_bar, dense_info_bar)` maps the cotangents of
+        `step`'s outputs `y1`, `z1` and `dense_info` to the cotangents of its inputs
+        `(y0, z0, args, terms)` (with `None` for their non-differentiable parts).
+        """
+        coupling = self._coupling(y1)
+
+        def backward_base_step(y, args, terms):
+            y_back, _, _, _ = self.base_step(terms, t1, t0, y, args)
+            return y_back
+
+        def forward_base_step(z, args, terms):
+            z_step, _, base_dense_info, _ = self.base_step(terms, t0, t1, z, args)
+            return z_step, base_dense_info
+
+        y1_back, pull_back_backward = eqx.filter_vjp(backward_base_step, y1, args, terms)
+        z0 = (z1**ω - y1**ω + y1_back**ω).ω
+        (z_step, base_dense_info), pull_back_forward = eqx.filter_vjp(
+            forward_base_step, z0, args, terms
+        )
+        y0 = ((y1**ω - z_step**ω) / coupling + z0**ω).ω
+        dense_info = dict(
+            base=base_dense_info,
+            y0_offset=(y0**ω - z0**ω).ω,
+            y1_offset=(y1**ω - z_step**ω).ω,
+        )
+
+        def pull_back(y1_bar, z1_bar, dense_info_bar):
+            # Reverse of: A = Φ_h(z0); y1 = λ(y0 - z0) + A; B = Φ_{-h}(y1);
+            # z1 = y1 + z0 - B; offsets y0 - z0 and y1 - A.
+            offset0_bar = dense_info_bar["y0_offset"]
+            offset1_bar = dense_info_bar["y1_offset"]
+            y1_bar_via_back, args_bar, terms_bar = pull_back_backward(
+                (-(z1_bar**ω)).ω
+            )
+            y1_bar = (y1_bar**ω + z1_bar**ω + offset1_bar**ω + y1_bar_via_back**ω).ω
+            z_step_bar = (y1_bar**ω - offset1_bar**ω).ω
+            z0_bar_via_step, args_bar_step, terms_bar_step = pull_back_forward(
+                (z_step_bar, dense_info_bar["base"])
+            )
+            y0_bar = (coupling * y1_bar**ω + offset0_bar**ω).ω
+            z0_bar = (
+                z1_bar**ω
+                - coupling * y1_bar**ω
+                - offset0_bar**ω
+                + z0_bar_via_step**ω
+            ).ω
+            args_bar = _add_cotangents(args_bar, args_bar_step)
+            terms_bar = _add_cotangents(terms_bar, terms_bar_step)
+            return y0_bar, z0_bar, args_bar, terms_bar
+
+        return y0, z0, dense_info, pull_back
 
     def base_step(
         self,

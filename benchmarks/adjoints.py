@@ -1,0 +1,269 @@
+"""Gradient time and memory of `ReversibleAdjoint` side by side with Diffrax's adjoints.
+
+    python benchmarks/adjoints.py --quick     # under a minute
+    python benchmarks/adjoints.py             # every regime and step count
+
+Prints markdown tables and writes the numbers to `benchmarks/results/adjoints.json`.
+Timings are medians over repeats after compilation; memory is the temporary memory of
+the compiled XLA program (`memory_analysis()`), which is deterministic.
+"""
+
+import argparse
+import json
+import pathlib
+import platform
+import statistics
+import time
+
+import jax
+
+
+jax.config.update("jax_enable_x64", True)  # for the float64 reference gradients
+
+import diffrax
+import diffrax_reversible as dr
+import equinox as eqx
+import jax.numpy as jnp
+import jax.random as jr
+
+
+CONFIGS = {
+    "Reversible(Tsit5)+ReversibleAdjoint": (True, dr.ReversibleAdjoint),
+    "Reversible(Tsit5)+RecursiveCheckpoint": (True, diffrax.RecursiveCheckpointAdjoint),
+    "Tsit5+RecursiveCheckpoint": (False, diffrax.RecursiveCheckpointAdjoint),
+    "Tsit5+Backsolve": (False, diffrax.BacksolveAdjoint),
+    "Tsit5+Direct": (False, diffrax.DirectAdjoint),
+}
+REVERSIBLE = "Reversible(Tsit5)+ReversibleAdjoint"
+
+
+class MLPField(eqx.Module):
+    mlp: eqx.nn.MLP
+
+    def __call__(self, t, y, args):
+        del t, args
+        return self.mlp(y)
+
+
+class GridField(eqx.Module):
+    """Diffusion on a periodic 2D grid plus a pointwise MLP reaction: a large state
+    driven by a small network."""
+
+    mlp: eqx.nn.MLP
+
+    def __call__(self, t, y, args):
+        del t, args
+        laplacian = (
+            jnp.roll(y, 1, 0) + jnp.roll(y, -1, 0) + jnp.roll(y, 1, 1)
+        ) + jnp.roll(y, -1, 1) - 4 * y
+        reaction = jax.vmap(jax.vmap(self.mlp))(y[..., None])[..., 0]
+        return 0.1 * laplacian + reaction
+
+
+def _solver(reversible):
+    return dr.Reversible(diffrax.Tsit5()) if reversible else diffrax.Tsit5()
+
+
+def neural_ode_problem(state, width, batch, steps, dtype, seed=5678):
+    model_key, data_key = jr.split(jr.PRNGKey(seed))
+    model = MLPField(
+        eqx.nn.MLP(state, state, width, 2, jnp.tanh, key=model_key, dtype=dtype)
+    )
+    y0s = jr.normal(data_key, (batch, state), dtype)
+
+    def loss(model, y0s, solver, adjoint):
+        def solve(y0):
+            return diffrax.diffeqsolve(
+                diffrax.ODETerm(model),
+                solver,
+                jnp.asarray(0.0, dtype),
+                jnp.asarray(1.0, dtype),
+                jnp.asarray(1.0 / steps, dtype),
+                y0,
+                adjoint=adjoint,
+                max_steps=steps,
+            ).ys
+
+        return jnp.mean(jax.vmap(solve)(y0s) ** 2)
+
+    return model, y0s, loss
+
+
+def grid_problem(size, steps, dtype, seed=5678):
+    model = GridField(
+        eqx.nn.MLP(1, 1, 16, 1, jnp.tanh, key=jr.PRNGKey(seed), dtype=dtype)
+    )
+    x = jnp.linspace(0, 2 * jnp.pi, size, dtype=dtype)
+    y0 = jnp.sin(x)[:, None] * jnp.cos(x)[None, :]
+
+    def loss(model, y0, solver, adjoint):
+        return jnp.mean(
+            diffrax.diffeqsolve(
+                diffrax.ODETerm(model),
+                solver,
+                jnp.asarray(0.0, dtype),
+                jnp.asarray(1.0, dtype),
+                jnp.asarray(1.0 / steps, dtype),
+                y0,
+                adjoint=adjoint,
+                max_steps=steps,
+            ).ys
+            ** 2
+        )
+
+    return model, y0, loss
+
+
+def _median_time(fn, *args, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _rel_error(grads, ref):
+    leaves = jax.tree_util.tree_leaves(eqx.filter(grads, eqx.is_inexact_array))
+    ref_leaves = jax.tree_util.tree_leaves(eqx.filter(ref, eqx.is_inexact_array))
+    num = max(
+        float(jnp.max(jnp.abs(a.astype(jnp.float64) - b)))
+        for a, b in zip(leaves, ref_leaves)
+    )
+    return num / max(float(jnp.max(jnp.abs(b))) for b in ref_leaves)
+
+
+def _to_float64(tree):
+    return jax.tree_util.tree_map(
+        lambda x: x.astype(jnp.float64) if eqx.is_inexact_array(x) else x, tree
+    )
+
+
+def measure(config, make_problem, *, repeats, run=True, reference=True):
+    reversible, adjoint_cls = CONFIGS[config]
+    solver, adjoint = _solver(reversible), adjoint_cls()
+    model, data, loss = make_problem(jnp.float32)
+    grad = eqx.filter_jit(eqx.filter_grad(loss))
+    start = time.perf_counter()
+    compiled = grad.lower(model, data, solver, adjoint).compile()
+    row = {
+        "config": config,
+        "compile_s": time.perf_counter() - start,
+        "temp_bytes": compiled.compiled.memory_analysis().temp_size_in_bytes,
+    }
+    if not run:
+        return row
+    forward = eqx.filter_jit(loss)
+    jax.block_until_ready(forward(model, data, solver, adjoint))
+    row["forward_s"] = _median_time(forward, model, data, solver, adjoint, repeats=repeats)
+    row["grad_s"] = _median_time(compiled, model, data, solver, adjoint, repeats=repeats)
+    if reference:
+        # The float64 gradient of the same discrete solve (same solver), by
+        # backpropagating through it.
+        model64, data64, loss64 = make_problem(jnp.float64)
+        ref = eqx.filter_jit(eqx.filter_grad(loss64))(
+            model64, data64, solver, diffrax.RecursiveCheckpointAdjoint()
+        )
+        row["grad_rel_error"] = _rel_error(compiled(model, data, solver, adjoint), ref)
+    return row
+
+
+def print_table(title, rows):
+    print(f"\n### {title}\n")
+    print(
+        "| configuration | steps | gradient (s) | forward (s) | compile (s) "
+        "| temp memory (MiB) | grad error vs f64 | time vs ReversibleAdjoint |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    reversible_time = {
+        r["steps"]: r.get("grad_s") for r in rows if r["config"] == REVERSIBLE
+    }
+    for r in rows:
+        grad_s = r.get("grad_s")
+        base = reversible_time.get(r["steps"])
+        ratio = f"{grad_s / base:.2f}x" if grad_s and base else "-"
+        fmt = lambda key, spec: format(r[key], spec) if key in r else "-"
+        print(
+            f"| {r['config']} | {r['steps']} | {fmt('grad_s', '.4f')} "
+            f"| {fmt('forward_s', '.4f')} | {r['compile_s']:.2f} "
+            f"| {r['temp_bytes'] / 2**20:.3f} | {fmt('grad_rel_error', '.1e')} "
+            f"| {ratio} |"
+        )
+
+
+def run_neural_ode(name, *, state, width, batch, steps_list, configs, repeats):
+    rows = []
+    for steps in steps_list:
+        for config in configs:
+            make = lambda dtype: neural_ode_problem(state, width, batch, steps, dtype)
+            row = measure(config, make, repeats=repeats)
+            row.update(regime=name, steps=steps)
+            rows.append(row)
+            print(f"  {name} {steps} {config}: {row.get('grad_s', 0):.4f}s", flush=True)
+    print_table(
+        f"Neural ODE, {name}: state {state}, MLP width {width}, batch {batch}", rows
+    )
+    return rows
+
+
+def run_memory(size, steps_list):
+    rows = []
+    for steps in steps_list:
+        for config in (REVERSIBLE, "Tsit5+RecursiveCheckpoint"):
+            make = lambda dtype: grid_problem(size, steps, dtype)
+            row = measure(config, make, repeats=0, run=False)
+            row.update(regime="memory", steps=steps)
+            rows.append(row)
+    print(f"\n### Memory: {size}x{size} grid, diffusion + pointwise MLP, float32\n")
+    print("| steps | ReversibleAdjoint (MiB) | Tsit5+RecursiveCheckpoint (MiB) | ratio |")
+    print("|---|---|---|---|")
+    for steps in steps_list:
+        rev, rca = [r["temp_bytes"] for r in rows if r["steps"] == steps]
+        print(f"| {steps} | {rev / 2**20:.3f} | {rca / 2**20:.3f} | {rca / rev:.1f}x |")
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="under a minute")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--out", default=str(pathlib.Path(__file__).parent / "results" / "adjoints.json")
+    )
+    options = parser.parse_args()
+    print(
+        f"Machine: {platform.machine()}, {jax.device_count()} {jax.devices()[0].platform}"
+        f" device(s), {len(__import__('os').sched_getaffinity(0))} cores; jax "
+        f"{jax.__version__}, diffrax {diffrax.__version__}; float32"
+    )
+    fast = [REVERSIBLE, "Reversible(Tsit5)+RecursiveCheckpoint", "Tsit5+RecursiveCheckpoint"]
+    rows = []
+    if options.quick:
+        rows += run_neural_ode(
+            "tiny", state=2, width=10, batch=1, steps_list=[1000], configs=fast,
+            repeats=3,
+        )
+        rows += run_memory(64, [100, 10_000])
+    else:
+        every = list(CONFIGS)
+        rows += run_neural_ode(
+            "tiny", state=2, width=10, batch=1, steps_list=[100, 1000, 10_000],
+            configs=every, repeats=options.repeats,
+        )
+        rows += run_neural_ode(
+            "medium", state=8, width=64, batch=32, steps_list=[100, 1000],
+            configs=every, repeats=options.repeats,
+        )
+        rows += run_neural_ode(
+            "large", state=8, width=128, batch=256, steps_list=[200],
+            configs=fast, repeats=options.repeats,
+        )
+        rows += run_memory(64, [100, 1000, 10_000, 100_000])
+    out = pathlib.Path(options.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=1))
+    print(f"\nWrote {out}")
+
+
+if __name__ == "__main__":
+    main()
