@@ -10,6 +10,7 @@ the compiled XLA program (`memory_analysis()`), which is deterministic.
 
 import argparse
 import json
+import os
 import pathlib
 import platform
 import statistics
@@ -54,8 +55,10 @@ class GridField(eqx.Module):
     def __call__(self, t, y, args):
         del t, args
         laplacian = (
-            jnp.roll(y, 1, 0) + jnp.roll(y, -1, 0) + jnp.roll(y, 1, 1)
-        ) + jnp.roll(y, -1, 1) - 4 * y
+            (jnp.roll(y, 1, 0) + jnp.roll(y, -1, 0) + jnp.roll(y, 1, 1))
+            + jnp.roll(y, -1, 1)
+            - 4 * y
+        )
         reaction = jax.vmap(jax.vmap(self.mlp))(y[..., None])[..., 0]
         return 0.1 * laplacian + reaction
 
@@ -155,12 +158,17 @@ def measure(config, make_problem, *, repeats, run=True, reference=True):
         return row
     forward = eqx.filter_jit(loss)
     jax.block_until_ready(forward(model, data, solver, adjoint))
-    row["forward_s"] = _median_time(forward, model, data, solver, adjoint, repeats=repeats)
-    row["grad_s"] = _median_time(compiled, model, data, solver, adjoint, repeats=repeats)
+    row["forward_s"] = _median_time(
+        forward, model, data, solver, adjoint, repeats=repeats
+    )
+    row["grad_s"] = _median_time(
+        compiled, model, data, solver, adjoint, repeats=repeats
+    )
     if reference:
         # The float64 gradient of the same discrete solve (same solver), by
         # backpropagating through it.
         model64, data64, loss64 = make_problem(jnp.float64)
+        model64, data64 = _to_float64((model, data))
         ref = eqx.filter_jit(eqx.filter_grad(loss64))(
             model64, data64, solver, diffrax.RecursiveCheckpointAdjoint()
         )
@@ -215,7 +223,9 @@ def run_memory(size, steps_list):
             row.update(regime="memory", steps=steps)
             rows.append(row)
     print(f"\n### Memory: {size}x{size} grid, diffusion + pointwise MLP, float32\n")
-    print("| steps | ReversibleAdjoint (MiB) | Tsit5+RecursiveCheckpoint (MiB) | ratio |")
+    print(
+        "| steps | ReversibleAdjoint (MiB) | Tsit5+RecursiveCheckpoint (MiB) | ratio |"
+    )
     print("|---|---|---|---|")
     for steps in steps_list:
         rev, rca = [r["temp_bytes"] for r in rows if r["steps"] == steps]
@@ -228,35 +238,60 @@ def main():
     parser.add_argument("--quick", action="store_true", help="under a minute")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
-        "--out", default=str(pathlib.Path(__file__).parent / "results" / "adjoints.json")
+        "--out",
+        default=str(pathlib.Path(__file__).parent / "results" / "adjoints.json"),
     )
     options = parser.parse_args()
+    device = jax.devices()[0].platform
     print(
-        f"Machine: {platform.machine()}, {jax.device_count()} {jax.devices()[0].platform}"
-        f" device(s), {len(__import__('os').sched_getaffinity(0))} cores; jax "
-        f"{jax.__version__}, diffrax {diffrax.__version__}; float32"
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, {device}; "
+        f"jax {jax.__version__}, diffrax {diffrax.__version__}; float32"
     )
-    fast = [REVERSIBLE, "Reversible(Tsit5)+RecursiveCheckpoint", "Tsit5+RecursiveCheckpoint"]
+    fast = [
+        REVERSIBLE,
+        "Reversible(Tsit5)+RecursiveCheckpoint",
+        "Tsit5+RecursiveCheckpoint",
+    ]
     rows = []
     if options.quick:
         rows += run_neural_ode(
-            "tiny", state=2, width=10, batch=1, steps_list=[1000], configs=fast,
+            "tiny",
+            state=2,
+            width=10,
+            batch=1,
+            steps_list=[1000],
+            configs=fast,
             repeats=3,
         )
         rows += run_memory(64, [100, 10_000])
     else:
         every = list(CONFIGS)
         rows += run_neural_ode(
-            "tiny", state=2, width=10, batch=1, steps_list=[100, 1000, 10_000],
-            configs=every, repeats=options.repeats,
+            "tiny",
+            state=2,
+            width=10,
+            batch=1,
+            steps_list=[100, 1000, 10_000],
+            configs=every,
+            repeats=options.repeats,
         )
         rows += run_neural_ode(
-            "medium", state=8, width=64, batch=32, steps_list=[100, 1000],
-            configs=every, repeats=options.repeats,
+            "medium",
+            state=8,
+            width=64,
+            batch=32,
+            steps_list=[100, 1000],
+            configs=every,
+            repeats=options.repeats,
         )
         rows += run_neural_ode(
-            "large", state=8, width=128, batch=256, steps_list=[200],
-            configs=fast, repeats=options.repeats,
+            "large",
+            state=8,
+            width=128,
+            batch=256,
+            steps_list=[200],
+            configs=fast,
+            repeats=options.repeats,
         )
         rows += run_memory(64, [100, 1000, 10_000, 100_000])
     out = pathlib.Path(options.out)

@@ -321,7 +321,7 @@ def _loop_reversible_bwd(
         step_t0 = step_start(k)
         step_t1 = record.ends[k]
         y0_k, z0_k, dense_info, pull_back_step = solver.inverse_step_and_vjp(
-            terms, step_t0, step_t1, y1, z1, args
+            terms, step_t0, step_t1, y1, z1, args, dense=bool(with_ts)
         )
         interpolation = lambda info: solver.interpolation_cls(
             t0=step_t0, t1=step_t1, **info

@@ -34,6 +34,54 @@ def _first_failure(*results: diffrax.RESULTS) -> diffrax.RESULTS:
     return out
 
 
+def _linear_combination(base: Y, coeffs, ks: list[Y]) -> Y:
+    # Tableau coefficients as Python floats: weakly typed, so they keep the state's
+    # dtype; and zeros skipped at trace time, not multiplied at run time.
+    out = base
+    for coeff, k in zip(coeffs, ks):
+        coeff = float(coeff)
+        if coeff != 0.0:
+            out = (out**ω + coeff * k**ω).ω
+    return out
+
+
+def _has_explicit_tableau(solver: diffrax.AbstractSolver) -> bool:
+    # `type`, not `isinstance`: wrapped solvers pass `isinstance` checks for the solver
+    # they wrap, without having its tableau.
+    return issubclass(type(solver), diffrax.AbstractERK) and isinstance(
+        solver.tableau, diffrax.ButcherTableau
+    )
+
+
+def _unrolled_erk_step(
+    tableau: diffrax.ButcherTableau,
+    terms: PyTree[diffrax.AbstractTerm],
+    t0: RealScalarLike,
+    t1: RealScalarLike,
+    y0: Y,
+    args: Args,
+) -> tuple[Y, Y, DenseInfo]:
+    """One step of an explicit Runge--Kutta method, with its stages unrolled.
+
+    Diffrax runs the stages in a loop, which is what it needs for implicit and
+    first-same-as-last methods. Each reversible step is two fresh base steps, and the
+    backward pass differentiates them one at a time: unrolled, XLA fuses the stages,
+    adds no loop overhead, and drops stages whose results are unused (such as the
+    first-same-as-last stage of `Φ_{-h}`). The arithmetic, error estimate and dense
+    information are those of Diffrax's own step.
+    """
+    control = terms.contr(t0, t1)
+    dt = t1 - t0
+    ks = [terms.vf_prod(t0, y0, args, control)]
+    for c_i, a_i in zip(tableau.c, tableau.a_lower):
+        y_i = _linear_combination(y0, a_i, ks)
+        ks.append(terms.vf_prod(t0 + float(c_i) * dt, y_i, args, control))
+    y1 = _linear_combination(y0, tableau.b_sol, ks)
+    y_error = _linear_combination(jtu.tree_map(jnp.zeros_like, y0), tableau.b_error, ks)
+    k = jtu.tree_map(lambda *stages: jnp.stack(stages), *ks)
+    return y1, y_error, dict(y0=y0, y1=y1, k=k)
+
+
 def _check_base_solver(solver: diffrax.AbstractSolver) -> None:
     name = type(solver).__name__
     if isinstance(solver, diffrax.AbstractImplicitSolver):
@@ -266,21 +314,26 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
         y1: Y,
         z1: Y,
         args: Args,
-    ) -> tuple[Y, Y, DenseInfo, Callable]:
+        dense: bool = True,
+    ) -> tuple[Y, Y, DenseInfo | None, Callable]:
         """Undoes one step and linearises it, in one pass.
 
         The two base steps that the inverse evaluates, `Φ_{-h}(t1, y1)` and
         `Φ_h(t0, z0)`, are the same ones the step's vector-Jacobian product needs: each
         is evaluated once, under `eqx.filter_vjp`, and serves both.
 
-        **Arguments:** as `inverse_step`.
+        **Arguments:** as `inverse_step`, and
+
+        - `dense`: whether to linearise the dense information too. Without it, no work
+            is spent on the cotangents of outputs that nothing was saved from.
 
         **Returns:**
 
         A 4-tuple `(y0, z0, dense_info, pull_back)`. `dense_info` is what `step` returns
-        for this step. `pull_back(y1_bar, z1_bar, dense_info_bar)` maps the cotangents of
-        `step`'s outputs `y1`, `z1` and `dense_info` to the cotangents of its inputs
-        `(y0, z0, args, terms)` (with `None` for their non-differentiable parts).
+        for this step (`None` if not `dense`). `pull_back(y1_bar, z1_bar,
+        dense_info_bar)` maps the cotangents of `step`'s outputs `y1`, `z1` and
+        `dense_info` (pass `None` if not `dense`) to the cotangents of its inputs
+        `(y0, z0, args, terms)`, with `None` for their non-differentiable parts.
         """
         coupling = self._coupling(y1)
 
@@ -290,40 +343,47 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
 
         def forward_base_step(z, args, terms):
             z_step, _, base_dense_info, _ = self.base_step(terms, t0, t1, z, args)
-            return z_step, base_dense_info
+            return z_step, base_dense_info if dense else None
 
-        y1_back, pull_back_backward = eqx.filter_vjp(backward_base_step, y1, args, terms)
+        y1_back, pull_back_backward = eqx.filter_vjp(
+            backward_base_step, y1, args, terms
+        )
         z0 = (z1**ω - y1**ω + y1_back**ω).ω
         (z_step, base_dense_info), pull_back_forward = eqx.filter_vjp(
             forward_base_step, z0, args, terms
         )
         y0 = ((y1**ω - z_step**ω) / coupling + z0**ω).ω
-        dense_info = dict(
-            base=base_dense_info,
-            y0_offset=(y0**ω - z0**ω).ω,
-            y1_offset=(y1**ω - z_step**ω).ω,
-        )
+        if dense:
+            dense_info = dict(
+                base=base_dense_info,
+                y0_offset=(y0**ω - z0**ω).ω,
+                y1_offset=(y1**ω - z_step**ω).ω,
+            )
+        else:
+            dense_info = None
 
         def pull_back(y1_bar, z1_bar, dense_info_bar):
             # Reverse of: A = Φ_h(z0); y1 = λ(y0 - z0) + A; B = Φ_{-h}(y1);
-            # z1 = y1 + z0 - B; offsets y0 - z0 and y1 - A.
-            offset0_bar = dense_info_bar["y0_offset"]
-            offset1_bar = dense_info_bar["y1_offset"]
-            y1_bar_via_back, args_bar, terms_bar = pull_back_backward(
-                (-(z1_bar**ω)).ω
-            )
-            y1_bar = (y1_bar**ω + z1_bar**ω + offset1_bar**ω + y1_bar_via_back**ω).ω
-            z_step_bar = (y1_bar**ω - offset1_bar**ω).ω
+            # z1 = y1 + z0 - B; and the offsets y0 - z0, y1 - A in `dense_info`.
+            y1_bar_via_back, args_bar, terms_bar = pull_back_backward((-(z1_bar**ω)).ω)
+            y1_bar = (y1_bar**ω + z1_bar**ω + y1_bar_via_back**ω).ω
+            if dense_info_bar is None:
+                z_step_bar = y1_bar
+                y0_bar = (coupling * y1_bar**ω).ω
+                z0_bar = (z1_bar**ω - coupling * y1_bar**ω).ω
+                base_dense_info_bar = None
+            else:
+                offset0_bar = dense_info_bar["y0_offset"]
+                offset1_bar = dense_info_bar["y1_offset"]
+                y1_bar = (y1_bar**ω + offset1_bar**ω).ω
+                z_step_bar = (y1_bar**ω - offset1_bar**ω).ω
+                y0_bar = (coupling * y1_bar**ω + offset0_bar**ω).ω
+                z0_bar = (z1_bar**ω - coupling * y1_bar**ω - offset0_bar**ω).ω
+                base_dense_info_bar = dense_info_bar["base"]
             z0_bar_via_step, args_bar_step, terms_bar_step = pull_back_forward(
-                (z_step_bar, dense_info_bar["base"])
+                (z_step_bar, base_dense_info_bar)
             )
-            y0_bar = (coupling * y1_bar**ω + offset0_bar**ω).ω
-            z0_bar = (
-                z1_bar**ω
-                - coupling * y1_bar**ω
-                - offset0_bar**ω
-                + z0_bar_via_step**ω
-            ).ω
+            z0_bar = (z0_bar**ω + z0_bar_via_step**ω).ω
             args_bar = _add_cotangents(args_bar, args_bar_step)
             terms_bar = _add_cotangents(terms_bar, terms_bar_step)
             return y0_bar, z0_bar, args_bar, terms_bar
@@ -346,6 +406,11 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
         A 4-tuple of the end point, the error estimate, the dense information and the
         result of the wrapped solver's step.
         """
+        if _has_explicit_tableau(self.solver):
+            x1, error, dense_info = _unrolled_erk_step(
+                self.solver.tableau, terms, t0, t1, x0, args
+            )
+            return x1, error, dense_info, diffrax.RESULTS.successful
         solver = self._solver_with_scan_kind()
         # A fresh state and `made_jump=True` make first-same-as-last solvers evaluate
         # their first stage at `x0`, instead of reusing one from another trajectory.

@@ -73,7 +73,10 @@ def test_gradients_match_recursive_checkpoint(base, order, saveat, controller):
     ref_value, ref_grads = _loss_and_grad(
         diffrax.RecursiveCheckpointAdjoint(), y0, args, **kwargs
     )
-    assert value == ref_value
+    # Bit-identity of the forward solve is `test_forward_values_bit_identical`; here the
+    # loss is compiled together with two different backward passes, and XLA may fuse
+    # the (identical) forward arithmetic differently.
+    assert abs(value - ref_value) <= 1e-13 * abs(ref_value)
     assert rel_error(grads, ref_grads) < grad_tol(jnp.float64)
 
 
