@@ -320,28 +320,39 @@ def _loop_reversible_bwd(
         k, y1, z1, y1_bar, z1_bar, args_bar, terms_bar, pointers = carry
         step_t0 = step_start(k)
         step_t1 = record.ends[k]
-        y0_k, z0_k, dense_info, pull_back_step = solver.inverse_step_and_vjp(
-            terms, step_t0, step_t1, y1, z1, args, dense=bool(with_ts)
-        )
-        interpolation = lambda info: solver.interpolation_cls(
-            t0=step_t0, t1=step_t1, **info
-        )
-        dense_info_bar = jtu.tree_map(jnp.zeros_like, dense_info)
         prev_end = jnp.where(k > 0, record.ends[k - 1], -jnp.inf)
-        new_pointers = []
-        for i, pointer in zip(with_ts, pointers):
-            pointer, dense_info_bar = _pull_back_saved_ts(
-                subs[i].ts,
-                saved[i].ts,
-                pointer,
-                prev_end,
-                dense_info,
-                interpolation,
-                dense_info_bar,
+
+        def saved_ts_cotangent(dense_info):
+            interpolation = lambda info: solver.interpolation_cls(
+                t0=step_t0, t1=step_t1, **info
             )
-            new_pointers.append(pointer)
-        y0_bar, z0_bar, args_bar_k, terms_bar_k = pull_back_step(
-            y1_bar, z1_bar, dense_info_bar
+            dense_info_bar = jtu.tree_map(jnp.zeros_like, dense_info)
+            new_pointers = []
+            for i, pointer in zip(with_ts, pointers):
+                pointer, dense_info_bar = _pull_back_saved_ts(
+                    subs[i].ts,
+                    saved[i].ts,
+                    pointer,
+                    prev_end,
+                    dense_info,
+                    interpolation,
+                    dense_info_bar,
+                )
+                new_pointers.append(pointer)
+            return dense_info_bar, tuple(new_pointers)
+
+        (y0_k, z0_k), (y0_bar, z0_bar, args_bar_k, terms_bar_k), new_pointers = (
+            solver.reverse_step(
+                terms,
+                step_t0,
+                step_t1,
+                y1,
+                z1,
+                args,
+                y1_bar,
+                z1_bar,
+                saved_ts_cotangent if with_ts else None,
+            )
         )
         return (
             k - 1,
@@ -351,7 +362,7 @@ def _loop_reversible_bwd(
             z0_bar,
             _tree_add(args_bar, args_bar_k),
             _tree_add(terms_bar, terms_bar_k),
-            tuple(new_pointers),
+            pointers if new_pointers is None else new_pointers,
         )
 
     init = (

@@ -184,7 +184,9 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
 
     Each step makes two steps of the wrapped solver. First-same-as-last solvers (e.g.
     [`diffrax.Tsit5`][]) re-evaluate their first stage in every step, because each step
-    of the wrapped solver must depend only on its start point.
+    of the wrapped solver must depend only on its start point. The stages of explicit
+    Runge--Kutta solvers are unrolled (see `scan_kind`), with the same arithmetic as
+    Diffrax's own step.
 
     !!! info
 
@@ -306,7 +308,7 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
         y0 = ((y1**ω - z_step**ω) / coupling + z0**ω).ω
         return y0, z0
 
-    def inverse_step_and_vjp(
+    def reverse_step(
         self,
         terms: PyTree[diffrax.AbstractTerm],
         t0: RealScalarLike,
@@ -314,28 +316,34 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
         y1: Y,
         z1: Y,
         args: Args,
-        dense: bool = True,
-    ) -> tuple[Y, Y, DenseInfo | None, Callable]:
-        """Undoes one step and linearises it, in one pass.
+        y1_bar: Y,
+        z1_bar: Y,
+        dense_info_cotangent: Callable[[DenseInfo], tuple[DenseInfo, Any]] | None,
+    ) -> tuple[tuple[Y, Y], tuple[Y, Y, Args, PyTree], Any]:
+        """Undoes one step and pulls cotangents back through it, in one pass.
 
         The two base steps that the inverse evaluates, `Φ_{-h}(t1, y1)` and
         `Φ_h(t0, z0)`, are the same ones the step's vector-Jacobian product needs: each
-        is evaluated once, under `eqx.filter_vjp`, and serves both.
+        is evaluated once, under `eqx.filter_vjp`, and serves both. The first is pulled
+        back before the second is linearised, so that only one base step's residuals
+        are alive at a time.
 
-        **Arguments:** as `inverse_step`, and
+        **Arguments:**
 
-        - `dense`: whether to linearise the dense information too. Without it, no work
-            is spent on the cotangents of outputs that nothing was saved from.
+        - `terms`, `t0`, `t1`, `args`: as passed to `step`.
+        - `y1`, `z1`: the solution and the solver state at `t1`, as returned by `step`.
+        - `y1_bar`, `z1_bar`: the cotangents of `y1` and `z1`.
+        - `dense_info_cotangent`: maps the step's `dense_info` to its cotangent and any
+            auxiliary output; or `None` if nothing was saved from the dense output.
 
         **Returns:**
 
-        A 4-tuple `(y0, z0, dense_info, pull_back)`. `dense_info` is what `step` returns
-        for this step (`None` if not `dense`). `pull_back(y1_bar, z1_bar,
-        dense_info_bar)` maps the cotangents of `step`'s outputs `y1`, `z1` and
-        `dense_info` (pass `None` if not `dense`) to the cotangents of its inputs
-        `(y0, z0, args, terms)`, with `None` for their non-differentiable parts.
+        `((y0, z0), (y0_bar, z0_bar, args_bar, terms_bar), aux)`: the state at `t0`,
+        the cotangents of `step`'s inputs (`None` for their non-differentiable parts),
+        and the auxiliary output of `dense_info_cotangent` (`None` without one).
         """
         coupling = self._coupling(y1)
+        dense = dense_info_cotangent is not None
 
         def backward_base_step(y, args, terms):
             y_back, _, _, _ = self.base_step(terms, t1, t0, y, args)
@@ -345,10 +353,15 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
             z_step, _, base_dense_info, _ = self.base_step(terms, t0, t1, z, args)
             return z_step, base_dense_info if dense else None
 
+        # Reverse of: A = Φ_h(z0); y1 = λ(y0 - z0) + A; B = Φ_{-h}(y1);
+        # z1 = y1 + z0 - B; and, in `dense_info`, the offsets y0 - z0 and y1 - A.
         y1_back, pull_back_backward = eqx.filter_vjp(
             backward_base_step, y1, args, terms
         )
+        y1_bar_via_back, args_bar, terms_bar = pull_back_backward((-(z1_bar**ω)).ω)
+        y1_bar = (y1_bar**ω + z1_bar**ω + y1_bar_via_back**ω).ω
         z0 = (z1**ω - y1**ω + y1_back**ω).ω
+
         (z_step, base_dense_info), pull_back_forward = eqx.filter_vjp(
             forward_base_step, z0, args, terms
         )
@@ -359,36 +372,27 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
                 y0_offset=(y0**ω - z0**ω).ω,
                 y1_offset=(y1**ω - z_step**ω).ω,
             )
+            dense_info_bar, aux = dense_info_cotangent(dense_info)
+            offset0_bar = dense_info_bar["y0_offset"]
+            offset1_bar = dense_info_bar["y1_offset"]
+            y1_bar = (y1_bar**ω + offset1_bar**ω).ω
+            z_step_bar = (y1_bar**ω - offset1_bar**ω).ω
+            y0_bar = (coupling * y1_bar**ω + offset0_bar**ω).ω
+            z0_bar = (z1_bar**ω - coupling * y1_bar**ω - offset0_bar**ω).ω
+            base_dense_info_bar = dense_info_bar["base"]
         else:
-            dense_info = None
-
-        def pull_back(y1_bar, z1_bar, dense_info_bar):
-            # Reverse of: A = Φ_h(z0); y1 = λ(y0 - z0) + A; B = Φ_{-h}(y1);
-            # z1 = y1 + z0 - B; and the offsets y0 - z0, y1 - A in `dense_info`.
-            y1_bar_via_back, args_bar, terms_bar = pull_back_backward((-(z1_bar**ω)).ω)
-            y1_bar = (y1_bar**ω + z1_bar**ω + y1_bar_via_back**ω).ω
-            if dense_info_bar is None:
-                z_step_bar = y1_bar
-                y0_bar = (coupling * y1_bar**ω).ω
-                z0_bar = (z1_bar**ω - coupling * y1_bar**ω).ω
-                base_dense_info_bar = None
-            else:
-                offset0_bar = dense_info_bar["y0_offset"]
-                offset1_bar = dense_info_bar["y1_offset"]
-                y1_bar = (y1_bar**ω + offset1_bar**ω).ω
-                z_step_bar = (y1_bar**ω - offset1_bar**ω).ω
-                y0_bar = (coupling * y1_bar**ω + offset0_bar**ω).ω
-                z0_bar = (z1_bar**ω - coupling * y1_bar**ω - offset0_bar**ω).ω
-                base_dense_info_bar = dense_info_bar["base"]
-            z0_bar_via_step, args_bar_step, terms_bar_step = pull_back_forward(
-                (z_step_bar, base_dense_info_bar)
-            )
-            z0_bar = (z0_bar**ω + z0_bar_via_step**ω).ω
-            args_bar = _add_cotangents(args_bar, args_bar_step)
-            terms_bar = _add_cotangents(terms_bar, terms_bar_step)
-            return y0_bar, z0_bar, args_bar, terms_bar
-
-        return y0, z0, dense_info, pull_back
+            aux = None
+            z_step_bar = y1_bar
+            y0_bar = (coupling * y1_bar**ω).ω
+            z0_bar = (z1_bar**ω - coupling * y1_bar**ω).ω
+            base_dense_info_bar = None
+        z0_bar_via_step, args_bar_step, terms_bar_step = pull_back_forward(
+            (z_step_bar, base_dense_info_bar)
+        )
+        z0_bar = (z0_bar**ω + z0_bar_via_step**ω).ω
+        args_bar = _add_cotangents(args_bar, args_bar_step)
+        terms_bar = _add_cotangents(terms_bar, terms_bar_step)
+        return (y0, z0), (y0_bar, z0_bar, args_bar, terms_bar), aux
 
     def base_step(
         self,
@@ -406,7 +410,7 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
         A 4-tuple of the end point, the error estimate, the dense information and the
         result of the wrapped solver's step.
         """
-        if _has_explicit_tableau(self.solver):
+        if self.scan_kind is None and _has_explicit_tableau(self.solver):
             x1, error, dense_info = _unrolled_erk_step(
                 self.solver.tableau, terms, t0, t1, x0, args
             )
@@ -452,6 +456,12 @@ Reversible.__init__.__doc__ = """**Arguments:**
     close to 1 make the backward reconstruction most stable (round-off grows like
     `λ^{-N}` over `N` steps); smaller values damp the parasitic mode of the scheme more
     strongly. Defaults to 0.999.
-- `scan_kind`: passed on to the wrapped solver's `scan_kind`, if it has one; see
-    [`diffrax.AbstractRungeKutta`][]. Normally left as `None`.
+- `scan_kind`: how the stages of a Runge--Kutta base solver are run. `None` (the
+    default) unrolls the stages of explicit Runge--Kutta methods: fastest, and XLA
+    drops unused stages. Any other value (`"checkpointed"`, `"lax"`, `"bounded"`) is
+    passed on to the wrapped solver, which then runs its stages in Diffrax's own loop;
+    with [`diffrax_reversible.ReversibleAdjoint`][], `"checkpointed"` stores fewer
+    stage activations in the backward pass (less memory when the vector field's
+    activations are much larger than the state), at about twice the time.
+    [`diffrax.DirectAdjoint`][] and [`diffrax.ForwardMode`][] set this themselves.
 """

@@ -363,3 +363,33 @@ def test_zero_length_interval():
     ref_grads = jax.grad(loss)(y0, diffrax.RecursiveCheckpointAdjoint())
     assert rel_error(grads, ref_grads) < grad_tol(jnp.float64)
     assert jnp.allclose(grads, jnp.array([16.0, 20.0]))
+
+
+def test_stage_loop_of_base_solver():
+    # `scan_kind` set: the base solver runs its stages in Diffrax's own loop instead of
+    # unrolled. Same gradients.
+    y0 = jnp.array([1.0, -0.5])
+    args = (jnp.array(0.3), jnp.array(1.7))
+
+    def grads(scan_kind, adjoint):
+        def loss(y0, args):
+            sol = diffrax.diffeqsolve(
+                diffrax.ODETerm(decaying_oscillator),
+                dr.Reversible(diffrax.Dopri5(), scan_kind=scan_kind),
+                0.0,
+                2.0,
+                0.05,
+                y0,
+                args,
+                saveat=diffrax.SaveAt(ts=jnp.linspace(0.0, 2.0, 7)),
+                stepsize_controller=diffrax.PIDController(rtol=1e-6, atol=1e-8),
+                adjoint=adjoint,
+            )
+            return jnp.sum(sol.ys**2)
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(y0, args)
+
+    ref = grads(None, diffrax.RecursiveCheckpointAdjoint())
+    looped = grads("checkpointed", dr.ReversibleAdjoint())
+    assert rel_error(looped, ref) < grad_tol(jnp.float64)
+    assert rel_error(grads(None, dr.ReversibleAdjoint()), ref) < grad_tol(jnp.float64)
