@@ -129,6 +129,18 @@ class _ReversibleInterpolation(diffrax.AbstractLocalInterpolation):
         return (base**ω + offset**ω).ω
 
 
+def _dense_info(
+    base_dense_info: DenseInfo, y0: Y, z0: Y, y1: Y, z_step: Y
+) -> DenseInfo:
+    """What `_ReversibleInterpolation` is built from: the base step `z0 -> z_step` and
+    the offsets `y - z` at either end of the step."""
+    return dict(
+        base=base_dense_info,
+        y0_offset=(y0**ω - z0**ω).ω,
+        y1_offset=(y1**ω - z_step**ω).ω,
+    )
+
+
 class _ReversibleInterpolationFactory(eqx.Module):
     # A module rather than `functools.partial`, so that it hashes by value: Diffrax
     # keeps `interpolation_cls` as a static field of `DenseInterpolation`.
@@ -273,11 +285,7 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
         y1 = (coupling * (y0**ω - z0**ω) + z_step**ω).ω
         y1_back, _, _, result2 = self.base_step(terms, t1, t0, y1, args)
         z1 = (y1**ω + z0**ω - y1_back**ω).ω
-        dense_info = dict(
-            base=base_dense_info,
-            y0_offset=(y0**ω - z0**ω).ω,
-            y1_offset=(y1**ω - z_step**ω).ω,
-        )
+        dense_info = _dense_info(base_dense_info, y0, z0, y1, z_step)
         return y1, y_error, dense_info, z1, _first_failure(result1, result2)
 
     def inverse_step(
@@ -367,11 +375,7 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
         )
         y0 = ((y1**ω - z_step**ω) / coupling + z0**ω).ω
         if dense:
-            dense_info = dict(
-                base=base_dense_info,
-                y0_offset=(y0**ω - z0**ω).ω,
-                y1_offset=(y1**ω - z_step**ω).ω,
-            )
+            dense_info = _dense_info(base_dense_info, y0, z0, y1, z_step)
             dense_info_bar, aux = dense_info_cotangent(dense_info)
             offset0_bar = dense_info_bar["y0_offset"]
             offset1_bar = dense_info_bar["y1_offset"]
