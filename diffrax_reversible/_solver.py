@@ -9,6 +9,7 @@ from equinox.internal import ω
 from jaxtyping import ArrayLike, PyTree
 
 from ._custom_types import Args, BoolScalarLike, DenseInfo, RealScalarLike, VF, Y
+from ._diffrax_internals import is_sde
 
 
 _SolverState: TypeAlias = Y
@@ -103,6 +104,18 @@ def _check_base_solver(solver: diffrax.AbstractSolver) -> None:
             "of stochastic Runge--Kutta solvers with Lévy area wrongly when they are "
             "taken backwards in time (diffrax issue #598). Consider "
             "`Reversible(diffrax.Heun())` or `Reversible(diffrax.Midpoint())`."
+        )
+
+
+def _check_sde_base(solver: diffrax.AbstractSolver, terms) -> None:
+    if is_sde(terms) and isinstance(solver, diffrax.AbstractItoSolver):
+        name = type(solver).__name__
+        raise ValueError(
+            f"`Reversible({name}())` does not solve SDEs: the reversible scheme "
+            "evaluates the diffusion at both ends of a step, so an Itô base solver "
+            "converges to neither the Itô nor the Stratonovich solution. Use a "
+            "Stratonovich base: `Reversible(diffrax.Heun())`, `Midpoint()`, "
+            "`Ralston()` or `EulerHeun()`."
         )
 
 
@@ -263,7 +276,8 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
         y0: Y,
         args: Args,
     ) -> _SolverState:
-        del terms, t0, t1, args
+        del t0, t1, args
+        _check_sde_base(self.solver, terms)
         return y0
 
     def step(
@@ -277,6 +291,7 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
         made_jump: BoolScalarLike,
     ) -> tuple[Y, Y | None, DenseInfo, _SolverState, diffrax.RESULTS]:
         del made_jump  # Every base step starts afresh anyway.
+        _check_sde_base(self.solver, terms)
         z0 = solver_state
         coupling = self._coupling(y0)
         z_step, y_error, base_dense_info, result1 = self.base_step(
