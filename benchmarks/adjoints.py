@@ -26,6 +26,7 @@ import diffrax_reversible as dr
 import equinox as eqx
 import jax.numpy as jnp
 import jax.random as jr
+import lineax as lx
 
 
 CONFIGS = {
@@ -68,11 +69,11 @@ class GridField(eqx.Module):
         return 0.1 * laplacian + reaction
 
 
-def _solver(reversible):
+def _solver(reversible, base_cls=diffrax.Tsit5):
     if not reversible:
-        return diffrax.Tsit5()
+        return base_cls()
     scan_kind = reversible if isinstance(reversible, str) else None
-    return dr.Reversible(diffrax.Tsit5(), scan_kind=scan_kind)
+    return dr.Reversible(base_cls(), scan_kind=scan_kind)
 
 
 def neural_ode_problem(state, width, batch, steps, dtype, seed=5678):
@@ -150,9 +151,11 @@ def _to_float64(tree):
     )
 
 
-def measure(config, make_problem, *, repeats, run=True, reference=True):
+def measure(
+    config, make_problem, *, repeats, run=True, reference=True, base=diffrax.Tsit5
+):
     reversible, adjoint_cls = CONFIGS[config]
-    solver, adjoint = _solver(reversible), adjoint_cls()
+    solver, adjoint = _solver(reversible, base), adjoint_cls()
     model, data, loss = make_problem(jnp.float32)
     grad = eqx.filter_jit(eqx.filter_grad(loss))
     start = time.perf_counter()
@@ -205,6 +208,93 @@ def print_table(title, rows):
             f"| {r['temp_bytes'] / 2**20:.3f} | {fmt('grad_rel_error', '.1e')} "
             f"| {ratio} |"
         )
+
+
+def neural_sde_problem(state, width, paths, steps, dtype, seed=5678):
+    drift_key, diffusion_key, data_key = jr.split(jr.PRNGKey(seed), 3)
+    mlp = lambda key, out: eqx.nn.MLP(
+        state, out, width, 1, jnp.tanh, key=key, dtype=dtype
+    )
+    model = (mlp(drift_key, state), mlp(diffusion_key, state))
+    keys = jr.split(data_key, paths)
+
+    def loss(model, keys, solver, adjoint):
+        def solve(key):
+            brownian = diffrax.VirtualBrownianTree(
+                0.0, 1.0, tol=1e-3, shape=jax.ShapeDtypeStruct((state,), dtype), key=key
+            )
+            # The networks travel in `args`, so that `BacksolveAdjoint` can run too.
+            terms = diffrax.MultiTerm(
+                diffrax.ODETerm(lambda t, y, args: args[0](y)),
+                diffrax.ControlTerm(
+                    lambda t, y, args: lx.DiagonalLinearOperator(args[1](y)), brownian
+                ),
+            )
+            return diffrax.diffeqsolve(
+                terms,
+                solver,
+                jnp.asarray(0.0, dtype),
+                jnp.asarray(1.0, dtype),
+                jnp.asarray(1.0 / steps, dtype),
+                jnp.ones(state, dtype),
+                model,
+                adjoint=adjoint,
+                max_steps=steps,
+            ).ys
+
+        return jnp.mean(jax.vmap(solve)(keys) ** 2)
+
+    return model, keys, loss
+
+
+def neural_cde_problem(hidden, channels, batch, steps, dtype, seed=5678):
+    model_key, data_key = jr.split(jr.PRNGKey(seed))
+    model = eqx.nn.MLP(
+        hidden, hidden * channels, 32, 1, jnp.tanh, key=model_key, dtype=dtype
+    )
+    ts = jnp.linspace(0.0, 1.0, 50, dtype=dtype)
+    xs = jnp.cumsum(jr.normal(data_key, (batch, 50, channels), dtype), axis=1) / 7
+    coeffs = jax.vmap(lambda x: diffrax.backward_hermite_coefficients(ts, x))(xs)
+
+    def loss(model, coeffs, solver, adjoint):
+        def solve(coeffs):
+            path = diffrax.CubicInterpolation(ts, coeffs)
+            field = lambda t, y, args: args(y).reshape(hidden, channels)
+            y0 = jnp.zeros(hidden, dtype).at[:channels].set(path.evaluate(ts[0]))
+            return diffrax.diffeqsolve(
+                diffrax.ControlTerm(field, path),
+                solver,
+                ts[0],
+                ts[-1],
+                jnp.asarray(1.0 / steps, dtype),
+                y0,
+                model,
+                adjoint=adjoint,
+                max_steps=steps,
+            ).ys
+
+        return jnp.mean(jax.vmap(solve)(coeffs) ** 2)
+
+    return model, coeffs, loss
+
+
+def run_problem(
+    title, make, *, steps_list, configs, repeats, base=diffrax.Tsit5, reference=True
+):
+    rows = []
+    for steps in steps_list:
+        for config in configs:
+            row = measure(
+                config,
+                lambda dtype: make(steps, dtype),
+                repeats=repeats,
+                base=base,
+                reference=reference,
+            )
+            row.update(regime=title, steps=steps)
+            rows.append(row)
+    print_table(title, rows)
+    return rows
 
 
 def run_neural_ode(name, *, state, width, batch, steps_list, configs, repeats):
@@ -310,6 +400,25 @@ def main():
             repeats=options.repeats,
         )
         rows += run_memory(64, [100, 1000, 10_000, 100_000])
+        rows += run_problem(
+            "Neural SDE (base Heun in place of Tsit5): state 4, MLPs width 32, "
+            "diagonal noise, 16 paths (no float64 reference: the Brownian tree "
+            "samples differently in float64)",
+            lambda steps, dtype: neural_sde_problem(4, 32, 16, steps, dtype),
+            steps_list=[100, 1000],
+            configs=every,
+            repeats=options.repeats,
+            base=diffrax.Heun,
+            reference=False,
+        )
+        rows += run_problem(
+            "Neural CDE: hidden 8, 3 channels, batch 32 series of 50 points, "
+            "cubic interpolation",
+            lambda steps, dtype: neural_cde_problem(8, 3, 32, steps, dtype),
+            steps_list=[100, 1000],
+            configs=every,
+            repeats=options.repeats,
+        )
     out = pathlib.Path(options.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=1))
