@@ -187,7 +187,7 @@ def measure(
     return row
 
 
-def print_table(title, rows):
+def print_table(title, rows, reversible=REVERSIBLE):
     print(f"\n### {title}\n")
     print(
         "| configuration | steps | gradient (s) | forward (s) | compile (s) "
@@ -195,7 +195,7 @@ def print_table(title, rows):
     )
     print("|---|---|---|---|---|---|---|---|")
     reversible_time = {
-        r["steps"]: r.get("grad_s") for r in rows if r["config"] == REVERSIBLE
+        r["steps"]: r.get("grad_s") for r in rows if r["config"] == reversible
     }
     for r in rows:
         grad_s = r.get("grad_s")
@@ -293,7 +293,10 @@ def run_problem(
             )
             row.update(regime=title, steps=steps)
             rows.append(row)
-    print_table(title, rows)
+    base_name = base.__name__
+    for row in rows:
+        row["config"] = row["config"].replace("Tsit5", base_name)
+    print_table(title, rows, reversible=REVERSIBLE.replace("Tsit5", base_name))
     return rows
 
 
@@ -312,13 +315,7 @@ def run_neural_ode(name, *, state, width, batch, steps_list, configs, repeats):
     return rows
 
 
-def run_memory(size, steps_list):
-    configs = (
-        REVERSIBLE,
-        LOOPED_STAGES,
-        "Tsit5+RecursiveCheckpoint",
-        "Reversible(Tsit5)+RecursiveCheckpoint",
-    )
+def run_memory(size, steps_list, configs):
     rows = []
     for steps in steps_list:
         for config in configs:
@@ -369,7 +366,7 @@ def main():
             configs=fast,
             repeats=3,
         )
-        rows += run_memory(64, [100, 10_000])
+        rows += run_memory(64, [100, 10_000], (REVERSIBLE, "Tsit5+RecursiveCheckpoint"))
     else:
         every = [c for c in CONFIGS if c != LOOPED_STAGES]
         rows += run_neural_ode(
@@ -399,9 +396,15 @@ def main():
             configs=fast,
             repeats=options.repeats,
         )
-        rows += run_memory(64, [100, 1000, 10_000, 100_000])
+        memory_configs = (
+            REVERSIBLE,
+            LOOPED_STAGES,
+            "Tsit5+RecursiveCheckpoint",
+            "Reversible(Tsit5)+RecursiveCheckpoint",
+        )
+        rows += run_memory(64, [100, 1000, 10_000, 100_000], memory_configs)
         rows += run_problem(
-            "Neural SDE (base Heun in place of Tsit5): state 4, MLPs width 32, "
+            "Neural SDE (base Heun): state 4, MLPs width 32, "
             "diagonal noise, 16 paths (no float64 reference: the Brownian tree "
             "samples differently in float64)",
             lambda steps, dtype: neural_sde_problem(4, 32, 16, steps, dtype),
