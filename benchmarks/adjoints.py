@@ -76,6 +76,21 @@ def _solver(reversible, base_cls=diffrax.Tsit5):
     return dr.Reversible(base_cls(), scan_kind=scan_kind)
 
 
+def _solve_unit_interval(terms, solver, y0, args, adjoint, steps, dtype):
+    """`steps` constant steps over [0, 1]; returns the solution at t=1."""
+    return diffrax.diffeqsolve(
+        terms,
+        solver,
+        jnp.asarray(0.0, dtype),
+        jnp.asarray(1.0, dtype),
+        jnp.asarray(1.0 / steps, dtype),
+        y0,
+        args,
+        adjoint=adjoint,
+        max_steps=steps,
+    ).ys
+
+
 def neural_ode_problem(state, width, batch, steps, dtype, seed=5678):
     model_key, data_key = jr.split(jr.PRNGKey(seed))
     model = MLPField(
@@ -85,16 +100,9 @@ def neural_ode_problem(state, width, batch, steps, dtype, seed=5678):
 
     def loss(model, y0s, solver, adjoint):
         def solve(y0):
-            return diffrax.diffeqsolve(
-                diffrax.ODETerm(model),
-                solver,
-                jnp.asarray(0.0, dtype),
-                jnp.asarray(1.0, dtype),
-                jnp.asarray(1.0 / steps, dtype),
-                y0,
-                adjoint=adjoint,
-                max_steps=steps,
-            ).ys
+            return _solve_unit_interval(
+                diffrax.ODETerm(model), solver, y0, None, adjoint, steps, dtype
+            )
 
         return jnp.mean(jax.vmap(solve)(y0s) ** 2)
 
@@ -109,19 +117,10 @@ def grid_problem(size, steps, dtype, seed=5678):
     y0 = jnp.sin(x)[:, None] * jnp.cos(x)[None, :]
 
     def loss(model, y0, solver, adjoint):
-        return jnp.mean(
-            diffrax.diffeqsolve(
-                diffrax.ODETerm(model),
-                solver,
-                jnp.asarray(0.0, dtype),
-                jnp.asarray(1.0, dtype),
-                jnp.asarray(1.0 / steps, dtype),
-                y0,
-                adjoint=adjoint,
-                max_steps=steps,
-            ).ys
-            ** 2
+        ys = _solve_unit_interval(
+            diffrax.ODETerm(model), solver, y0, None, adjoint, steps, dtype
         )
+        return jnp.mean(ys**2)
 
     return model, y0, loss
 
@@ -230,17 +229,8 @@ def neural_sde_problem(state, width, paths, steps, dtype, seed=5678):
                     lambda t, y, args: lx.DiagonalLinearOperator(args[1](y)), brownian
                 ),
             )
-            return diffrax.diffeqsolve(
-                terms,
-                solver,
-                jnp.asarray(0.0, dtype),
-                jnp.asarray(1.0, dtype),
-                jnp.asarray(1.0 / steps, dtype),
-                jnp.ones(state, dtype),
-                model,
-                adjoint=adjoint,
-                max_steps=steps,
-            ).ys
+            y0 = jnp.ones(state, dtype)
+            return _solve_unit_interval(terms, solver, y0, model, adjoint, steps, dtype)
 
         return jnp.mean(jax.vmap(solve)(keys) ** 2)
 
@@ -261,17 +251,8 @@ def neural_cde_problem(hidden, channels, batch, steps, dtype, seed=5678):
             path = diffrax.CubicInterpolation(ts, coeffs)
             field = lambda t, y, args: args(y).reshape(hidden, channels)
             y0 = jnp.zeros(hidden, dtype).at[:channels].set(path.evaluate(ts[0]))
-            return diffrax.diffeqsolve(
-                diffrax.ControlTerm(field, path),
-                solver,
-                ts[0],
-                ts[-1],
-                jnp.asarray(1.0 / steps, dtype),
-                y0,
-                model,
-                adjoint=adjoint,
-                max_steps=steps,
-            ).ys
+            terms = diffrax.ControlTerm(field, path)
+            return _solve_unit_interval(terms, solver, y0, model, adjoint, steps, dtype)
 
         return jnp.mean(jax.vmap(solve)(coeffs) ** 2)
 
