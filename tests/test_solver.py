@@ -273,3 +273,22 @@ def test_fused_reverse_step_matches_unfused(base, dense, getkey):
     assert aux == ("aux" if dense else None)
     assert rel_error((y0, z0), (y_half, z_half)) < 1e-14
     assert rel_error((y0_bar, z0_bar, args_bar), ref_bars) < 1e-13
+
+
+def test_dense_output_with_diffrax_adjoint():
+    # `SaveAt(dense=True)` (with Diffrax's adjoints) goes through the same interpolant.
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(_logistic),
+        dr.Reversible(diffrax.Tsit5()),
+        0.0,
+        4.0,
+        0.25,
+        jnp.array(0.1),
+        saveat=diffrax.SaveAt(dense=True),
+    )
+    ts = jnp.linspace(0.0, 4.0, 33)
+    assert (
+        float(jnp.max(jnp.abs(jax.vmap(sol.evaluate)(ts) - _logistic_exact(ts)))) < 1e-7
+    )
+    exact = _logistic_exact(1.3)
+    assert abs(float(sol.derivative(1.3) - exact * (1 - exact))) < 1e-6
