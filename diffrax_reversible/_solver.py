@@ -3,6 +3,7 @@ from typing import Any, Literal, TypeAlias
 
 import diffrax
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from equinox.internal import ω
@@ -238,7 +239,9 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
     def __check_init__(self):
         _check_base_solver(self.solver)
         coupling = self.coupling_parameter
-        if isinstance(coupling, (int, float)) and not 0 < coupling <= 1:
+        if isinstance(coupling, jax.core.Tracer):
+            return  # Only known at run time.
+        if not 0 < float(coupling) <= 1:
             raise ValueError(
                 f"`Reversible(..., coupling_parameter={coupling})` is not valid: the "
                 "coupling parameter must lie in (0, 1]. The default is 0.999."

@@ -57,7 +57,7 @@ def test_levy_area_srk_base():
         dr.Reversible(diffrax.ShARK())
 
 
-@pytest.mark.parametrize("coupling", [0.0, -0.5, 1.5])
+@pytest.mark.parametrize("coupling", [0.0, -0.5, 1.5, jnp.array(2.0)])
 def test_coupling_out_of_range(coupling):
     with pytest.raises(ValueError, match=r"must lie in \(0, 1\]"):
         dr.Reversible(diffrax.Tsit5(), coupling_parameter=coupling)
