@@ -484,6 +484,6 @@ Reversible.__init__.__doc__ = """**Arguments:**
     passed on to the wrapped solver, which then runs its stages in Diffrax's own loop;
     with [`diffrax_reversible.ReversibleAdjoint`][], `"checkpointed"` stores fewer
     stage activations in the backward pass (less memory when the vector field's
-    activations are much larger than the state), at about twice the time.
+    activations are much larger than the state), at 2-3 times the time.
     [`diffrax.DirectAdjoint`][] and [`diffrax.ForwardMode`][] set this themselves.
 """
