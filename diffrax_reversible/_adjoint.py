@@ -16,6 +16,7 @@ from ._diffrax_internals import (
     save_y,
     SaveState,
 )
+from ._misc import is_none, tree_add
 from ._solver import Reversible
 
 
@@ -32,10 +33,6 @@ def _is_subsaveat(x: Any) -> bool:
 
 def _is_save_state(x: Any) -> bool:
     return isinstance(x, SaveState)
-
-
-def _is_none(x: Any) -> bool:
-    return x is None
 
 
 def _check_supported(*, solver, terms, saveat, event, max_steps) -> None:
@@ -56,8 +53,7 @@ def _check_supported(*, solver, terms, saveat, event, max_steps) -> None:
         raise ValueError(
             "`adjoint=ReversibleAdjoint()` does not support `max_steps=None`: the "
             "times of the accepted steps are recorded in a buffer of length "
-            "`max_steps`. "
-            "Pass an integer `max_steps`."
+            "`max_steps`. Pass an integer `max_steps`."
         )
     if event is not None:
         raise ValueError(
@@ -160,33 +156,37 @@ def _with_states(init_state, y0, z0):
     return eqx.tree_at(lambda s: (s.y, s.solver_state), init_state, (y0, z0))
 
 
-@eqx.filter_custom_vjp
-def _loop_reversible(y0__z0__args__terms, *, self, init_state, **kwargs):
+def _forward_loop(y0__z0__args__terms, *, self, init_state, outer_while_loop, **kwargs):
+    # Not differentiated (the custom VJP supplies the gradient), so plain loops.
     y0, z0, args, terms = y0__z0__args__terms
     return self._loop(
         args=args,
         terms=terms,
         init_state=_with_states(init_state, y0, z0),
         inner_while_loop=ft.partial(eqxi.while_loop, kind="lax"),
-        outer_while_loop=ft.partial(eqxi.while_loop, kind="lax"),
+        outer_while_loop=outer_while_loop,
         **kwargs,
+    )
+
+
+@eqx.filter_custom_vjp
+def _loop_reversible(y0__z0__args__terms, **kwargs):
+    outer_while_loop = ft.partial(eqxi.while_loop, kind="lax")
+    return _forward_loop(
+        y0__z0__args__terms, outer_while_loop=outer_while_loop, **kwargs
     )
 
 
 @_loop_reversible.def_fwd
 def _loop_reversible_fwd(
-    perturbed, y0__z0__args__terms, *, self, init_state, stepsize_controller, **kwargs
+    perturbed, y0__z0__args__terms, *, stepsize_controller, **kwargs
 ):
     del perturbed
-    y0, z0, args, terms = y0__z0__args__terms
     records = []
     record_starts = not _steps_are_contiguous(stepsize_controller)
-    final_state, aux_stats = self._loop(
-        args=args,
-        terms=terms,
-        init_state=_with_states(init_state, y0, z0),
+    final_state, aux_stats = _forward_loop(
+        y0__z0__args__terms,
         stepsize_controller=stepsize_controller,
-        inner_while_loop=ft.partial(eqxi.while_loop, kind="lax"),
         outer_while_loop=_recording_while_loop(record_starts, records),
         **kwargs,
     )
@@ -226,7 +226,7 @@ def _split_saved_cotangents(subsaveat, grad_ys, y0) -> _SavedCotangents:
     if grad_ys is None:
         grad_ys = jtu.tree_map(lambda y: materialise(None, y), y0)
     else:
-        grad_ys = jtu.tree_map(materialise, grad_ys, y0, is_leaf=_is_none)
+        grad_ys = jtu.tree_map(materialise, grad_ys, y0, is_leaf=is_none)
     take = lambda i: jtu.tree_map(lambda g: g[i], grad_ys)
     return _SavedCotangents(
         t0=take(0) if subsaveat.t0 else None,
@@ -237,15 +237,11 @@ def _split_saved_cotangents(subsaveat, grad_ys, y0) -> _SavedCotangents:
     )
 
 
-def _tree_add(*trees):
-    return jtu.tree_map(lambda *xs: sum(xs[1:], start=xs[0]), *trees)
-
-
 def _sum_present(trees, like):
     trees = [tree for tree in trees if tree is not None]
     if not trees:
         return jtu.tree_map(jnp.zeros_like, like)
-    return _tree_add(*trees)
+    return tree_add(*trees)
 
 
 def _pull_back_saved_ts(
@@ -265,7 +261,7 @@ def _pull_back_saved_ts(
             lambda info: interpolation(info).evaluate(ts[index]), dense_info
         )
         (grad,) = pull_back(jtu.tree_map(lambda c: c[index], cotangents))
-        return index, _tree_add(dense_info_bar, grad)
+        return index, tree_add(dense_info_bar, grad)
 
     return lax.while_loop(cond, body, (pointer, dense_info_bar))
 
@@ -360,8 +356,8 @@ def _loop_reversible_bwd(
             z0_k,
             y0_bar,
             z0_bar,
-            _tree_add(args_bar, args_bar_k),
-            _tree_add(terms_bar, terms_bar_k),
+            tree_add(args_bar, args_bar_k),
+            tree_add(terms_bar, terms_bar_k),
             pointers if new_pointers is None else new_pointers,
         )
 
@@ -379,13 +375,13 @@ def _loop_reversible_bwd(
 
     # Saved at `t0` directly; and when `t0 == t1` Diffrax makes no step and fills every
     # `SaveAt(ts=...)` output with `y0`.
-    y_bar = _tree_add(y_bar, _sum_present([c.t0 for c in saved], y0))
+    y_bar = tree_add(y_bar, _sum_present([c.t0 for c in saved], y0))
     no_steps = t0 == t1
     for i in with_ts:
         ts_bar = jtu.tree_map(
             lambda c: jnp.where(no_steps, c.sum(axis=0), 0), saved[i].ts
         )
-        y_bar = _tree_add(y_bar, ts_bar)
+        y_bar = tree_add(y_bar, ts_bar)
     return y_bar, z_bar, args_bar, terms_bar
 
 
@@ -469,7 +465,7 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
                 times(init_state.tprev),
                 times(init_state.tnext),
             ),
-            is_leaf=_is_none,
+            is_leaf=is_none,
         )
         terms = _closure_convert_vector_fields(terms, t0, y0, args)
         final_state, aux_stats = _loop_reversible(

@@ -11,6 +11,7 @@ from jaxtyping import ArrayLike, PyTree
 
 from ._custom_types import Args, BoolScalarLike, DenseInfo, RealScalarLike, VF, Y
 from ._diffrax_internals import is_sde
+from ._misc import is_none, tree_add
 
 
 _SolverState: TypeAlias = Y
@@ -18,15 +19,6 @@ _SolverState: TypeAlias = Y
 # Solvers whose step is not a function of its start point alone: they carry a state of
 # their own between steps, so the reversible scheme cannot call them as `Φ_h`.
 _STATEFUL_SOLVERS = (diffrax.ReversibleHeun, diffrax.LeapfrogMidpoint)
-
-
-def _is_none(x: Any) -> bool:
-    return x is None
-
-
-def _add_cotangents(x, y):
-    # Cotangents of the same pytree, with `None` where nothing is differentiable.
-    return jtu.tree_map(lambda a, b: a + b, x, y)
 
 
 def _first_failure(*results: diffrax.RESULTS) -> diffrax.RESULTS:
@@ -412,8 +404,8 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
             (z_step_bar, base_dense_info_bar)
         )
         z0_bar = (z0_bar**ω + z0_bar_via_step**ω).ω
-        args_bar = _add_cotangents(args_bar, args_bar_step)
-        terms_bar = _add_cotangents(terms_bar, terms_bar_step)
+        args_bar = tree_add(args_bar, args_bar_step)
+        terms_bar = tree_add(terms_bar, terms_bar_step)
         return (y0, z0), (y0_bar, z0_bar, args_bar, terms_bar), aux
 
     def base_step(
@@ -464,7 +456,7 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
         ):
             return self.solver
         return eqx.tree_at(
-            lambda s: s.scan_kind, self.solver, self.scan_kind, is_leaf=_is_none
+            lambda s: s.scan_kind, self.solver, self.scan_kind, is_leaf=is_none
         )
 
 
