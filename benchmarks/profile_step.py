@@ -80,7 +80,7 @@ def main():
         # Parameter cotangents are accumulated, as in the backward pass, so that XLA
         # cannot drop their computation.
         (y, z), (y_bar, z_bar), mlp_bar = carry
-        (y, z), (y_bar, z_bar, mlp_bar_step, _), _ = solver.reverse_step(
+        (y, z), (y_bar, z_bar, mlp_bar_step, _, _), _ = solver.reverse_step(
             term, t0, t1, y, z, mlp, y_bar, z_bar, None
         )
         mlp_bar = jax.tree_util.tree_map(lambda a, b: a + b, mlp_bar, mlp_bar_step)

@@ -5,24 +5,22 @@ from typing import Any
 import diffrax
 import equinox as eqx
 import equinox.internal as eqxi
+import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
 
-from ._diffrax_internals import (
-    is_unsafe_sde,
-    only_transpose_ys,
-    save_y,
-    SaveState,
-)
+from ._diffrax_internals import is_unsafe_sde, SaveState
 from ._misc import is_none, tree_add
+from ._native import native_reverse_step, NATIVE_REVERSIBLE_SOLVERS
 from ._solver import Reversible
 
 
-_TIMES_NONDIFFERENTIABLE = (
-    "`adjoint=ReversibleAdjoint()` does not support gradients with respect to `t0`, "
-    "`t1`, `dt0`, `SaveAt(ts=...)` or the step size controller. Consider "
+_CONTROLLER_NONDIFFERENTIABLE = (
+    "`adjoint=ReversibleAdjoint()` does not support gradients with respect to the "
+    "step size controller (for example `StepTo(ts=...)` or "
+    "`ClipStepSizeController(step_ts=..., jump_ts=...)`). Consider "
     "`adjoint=diffrax.RecursiveCheckpointAdjoint()` for those."
 )
 
@@ -35,12 +33,29 @@ def _is_save_state(x: Any) -> bool:
     return isinstance(x, SaveState)
 
 
-def _check_supported(*, solver, terms, saveat, event, max_steps) -> None:
-    if type(solver) is not Reversible:
+def _save_states(state) -> list[SaveState]:
+    # Filtered: `eqx.tree_at` wraps a `None` save state (`SaveAt(dense=True)` alone).
+    leaves = jtu.tree_leaves(state.save_state, is_leaf=_is_save_state)
+    return [leaf for leaf in leaves if _is_save_state(leaf)]
+
+
+def _check_supported(*, solver, terms, stepsize_controller, event, max_steps) -> None:
+    if type(solver) is not Reversible and type(solver) not in NATIVE_REVERSIBLE_SOLVERS:
         name = type(solver).__name__
         raise ValueError(
             f"`adjoint=ReversibleAdjoint()` needs an algebraically reversible solver, "
-            f"but got `solver={name}(...)`. Wrap it as `solver=Reversible({name}())`."
+            f"but got `solver={name}(...)`. Wrap it as `solver=Reversible({name}())`, "
+            "or use one of Diffrax's own reversible solvers: `ReversibleHeun`, "
+            "`LeapfrogMidpoint`, `SemiImplicitEuler`."
+        )
+    if type(solver) is diffrax.ReversibleHeun and not _steps_are_contiguous(
+        stepsize_controller
+    ):
+        raise ValueError(
+            "`solver=diffrax.ReversibleHeun()` with `adjoint=ReversibleAdjoint()` does "
+            "not support `ClipStepSizeController(jump_ts=...)`: after a jump it "
+            "re-evaluates its vector field from the state, which cannot be undone. "
+            "Consider `solver=Reversible(diffrax.Heun())`."
         )
     if is_unsafe_sde(terms):
         raise ValueError(
@@ -60,44 +75,38 @@ def _check_supported(*, solver, terms, saveat, event, max_steps) -> None:
             "`adjoint=ReversibleAdjoint()` does not support `event=...` yet. Consider "
             "`adjoint=diffrax.RecursiveCheckpointAdjoint()`."
         )
-    if saveat.dense:
-        raise ValueError(
-            "`adjoint=ReversibleAdjoint()` does not support `SaveAt(dense=True)` "
-            "yet. Consider `SaveAt(ts=...)`, or "
-            "`adjoint=diffrax.RecursiveCheckpointAdjoint()`."
-        )
-    for sub in jtu.tree_leaves(saveat.subs, is_leaf=_is_subsaveat):
-        if sub.steps != 0:
-            raise ValueError(
-                "`adjoint=ReversibleAdjoint()` does not support `SaveAt(steps=...)` "
-                "yet. Consider `SaveAt(ts=...)`, or "
-                "`adjoint=diffrax.RecursiveCheckpointAdjoint()`."
-            )
-        if sub.fn is not save_y:
-            raise ValueError(
-                "`adjoint=ReversibleAdjoint()` does not support `SaveAt(fn=...)` yet. "
-                "Save `y` and apply the function to `sol.ys` instead."
-            )
+
+
+def _closure_convert(fn, t0, y0, args):
+    """A custom VJP differentiates only its explicit inputs. A function such as
+    `lambda t, y, args: model(y)` closes over `model`; turning the closure into a pytree
+    makes `model`'s arrays explicit inputs, so they get gradients."""
+    if isinstance(fn, types.FunctionType) and fn.__closure__:
+        return eqx.filter_closure_convert(fn, t0, y0, args)
+    return fn
 
 
 def _closure_convert_vector_fields(terms, t0, y0, args):
-    """A custom VJP differentiates only its explicit inputs. A vector field such as
-    `lambda t, y, args: model(y)` closes over `model`; turning the closure into a pytree
-    makes `model`'s arrays explicit inputs, so they get gradients."""
-
     def is_term_with_vector_field(x):
         return isinstance(x, (diffrax.ODETerm, diffrax.ControlTerm))
 
     def convert(term):
         if not is_term_with_vector_field(term):
             return term
-        vector_field = term.vector_field
-        if isinstance(vector_field, types.FunctionType) and vector_field.__closure__:
-            vector_field = eqx.filter_closure_convert(vector_field, t0, y0, args)
-            term = eqx.tree_at(lambda x: x.vector_field, term, vector_field)
-        return term
+        vector_field = _closure_convert(term.vector_field, t0, y0, args)
+        return eqx.tree_at(lambda x: x.vector_field, term, vector_field)
 
     return jtu.tree_map(convert, terms, is_leaf=is_term_with_vector_field)
+
+
+def _closure_convert_saveat_fns(saveat, t0, y0, args):
+    # Diffrax wraps every user `fn` in a lambda over the direction of integration.
+    def convert(sub):
+        if not _is_subsaveat(sub):
+            return sub
+        return eqx.tree_at(lambda s: s.fn, sub, _closure_convert(sub.fn, t0, y0, args))
+
+    return jtu.tree_map(convert, saveat, is_leaf=_is_subsaveat)
 
 
 def _steps_are_contiguous(controller: diffrax.AbstractStepSizeController) -> bool:
@@ -111,6 +120,29 @@ def _steps_are_contiguous(controller: diffrax.AbstractStepSizeController) -> boo
         controller,
         (diffrax.ConstantStepSize, diffrax.StepTo, diffrax.PIDController),
     )
+
+
+def _step_times_are_differentiable(controller) -> bool:
+    # The step times of these are closed-form functions of `t0`, `t1`, `dt0`; an
+    # adaptive controller's depend on its whole history of accepted and rejected steps.
+    return type(controller) in (diffrax.ConstantStepSize, diffrax.StepTo)
+
+
+def _step_end_time(controller, k, recorded_end, t0, t1, dt0, num_steps):
+    """The end of accepted step `k` as Diffrax computes it, as a differentiable function
+    of `t0`, `t1` and `dt0`, for the controllers of `_step_times_are_differentiable`."""
+    if type(controller) is diffrax.ConstantStepSize:
+        dtype = jnp.result_type(t0)
+        fraction = (k + 1).astype(dtype) / num_steps.astype(dtype)
+        later = t0 + (t1 - t0) * fraction
+        first = t0 + dt0
+    else:
+        later = lax.stop_gradient(recorded_end)
+        first = later
+    first = jnp.minimum(first, t1)
+    # Diffrax snaps the end of the last step to `t1` exactly.
+    later = jnp.where(recorded_end == t1, t1, later)
+    return jnp.where(k == 0, first, later)
 
 
 class _StepRecord(eqx.Module):
@@ -152,17 +184,20 @@ def _recording_while_loop(record_starts: bool, records_out: list):
     return while_loop
 
 
-def _with_states(init_state, y0, z0):
-    return eqx.tree_at(lambda s: (s.y, s.solver_state), init_state, (y0, z0))
-
-
-def _forward_loop(y0__z0__args__terms, *, self, init_state, outer_while_loop, **kwargs):
+def _forward_loop(diff_inputs, *, self, init_state, outer_while_loop, **kwargs):
     # Not differentiated (the custom VJP supplies the gradient), so plain loops.
-    y0, z0, args, terms = y0__z0__args__terms
+    y0, z0, args, terms, saveat, (t0, t1, dt0) = diff_inputs
+    init_state = eqx.tree_at(
+        lambda s: (s.y, s.solver_state), init_state, (y0, z0), is_leaf=is_none
+    )
     return self._loop(
         args=args,
         terms=terms,
-        init_state=_with_states(init_state, y0, z0),
+        saveat=saveat,
+        t0=t0,
+        t1=t1,
+        dt0=dt0,
+        init_state=init_state,
         inner_while_loop=ft.partial(eqxi.while_loop, kind="lax"),
         outer_while_loop=outer_while_loop,
         **kwargs,
@@ -170,175 +205,267 @@ def _forward_loop(y0__z0__args__terms, *, self, init_state, outer_while_loop, **
 
 
 @eqx.filter_custom_vjp
-def _loop_reversible(y0__z0__args__terms, **kwargs):
+def _loop_reversible(diff_inputs, **kwargs):
     outer_while_loop = ft.partial(eqxi.while_loop, kind="lax")
-    return _forward_loop(
-        y0__z0__args__terms, outer_while_loop=outer_while_loop, **kwargs
-    )
+    return _forward_loop(diff_inputs, outer_while_loop=outer_while_loop, **kwargs)
+
+
+def _times_perturbed(perturbed) -> bool:
+    *_, times = perturbed
+    return any(jtu.tree_leaves(times))
+
+
+class _Residuals(eqx.Module):
+    record: _StepRecord
+    num_steps: Array
+    y_final: PyTree[Array]
+    z_final: PyTree[Array]
+    ts_saved: list[Array]
+    save_index: list[Array]
+    ys_shapes: list[PyTree[Any]]
+    controller_num_steps: Array | None
 
 
 @_loop_reversible.def_fwd
-def _loop_reversible_fwd(
-    perturbed, y0__z0__args__terms, *, stepsize_controller, **kwargs
-):
-    del perturbed
+def _loop_reversible_fwd(perturbed, diff_inputs, *, stepsize_controller, **kwargs):
+    if _times_perturbed(perturbed) and not _step_times_are_differentiable(
+        stepsize_controller
+    ):
+        raise ValueError(
+            "`adjoint=ReversibleAdjoint()` supports gradients with respect to `t0`, "
+            "`t1` and `dt0` with `ConstantStepSize` and `StepTo` only (their step "
+            "times are closed-form functions of `t0`, `t1` and `dt0`), but got "
+            f"`stepsize_controller={type(stepsize_controller).__name__}(...)`. "
+            "Gradients with respect to `SaveAt(ts=...)` work with every controller. "
+            "For time gradients with adaptive steps, consider "
+            "`adjoint=diffrax.RecursiveCheckpointAdjoint()`."
+        )
     records = []
     record_starts = not _steps_are_contiguous(stepsize_controller)
     final_state, aux_stats = _forward_loop(
-        y0__z0__args__terms,
+        diff_inputs,
         stepsize_controller=stepsize_controller,
         outer_while_loop=_recording_while_loop(record_starts, records),
         **kwargs,
     )
     [record] = records
-    ts_saved = [
-        s.saveat_ts_index
-        for s in jtu.tree_leaves(final_state.save_state, is_leaf=_is_save_state)
-    ]
-    residuals = (
-        record,
-        final_state.num_accepted_steps,
-        final_state.y,
-        final_state.solver_state,
-        ts_saved,
+    save_states = _save_states(final_state)
+    if type(stepsize_controller) is diffrax.ConstantStepSize:
+        _, controller_num_steps, _, _ = final_state.controller_state
+    else:
+        controller_num_steps = None
+    residuals = _Residuals(
+        record=record,
+        num_steps=final_state.num_accepted_steps,
+        y_final=final_state.y,
+        z_final=final_state.solver_state,
+        ts_saved=[s.saveat_ts_index for s in save_states],
+        save_index=[s.save_index for s in save_states],
+        ys_shapes=[
+            jtu.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), s.ys)
+            for s in save_states
+        ],
+        controller_num_steps=controller_num_steps,
     )
     return (final_state, aux_stats), residuals
 
 
-class _SavedCotangents(eqx.Module):
-    """The cotangents of one `SubSaveAt`'s outputs, split by where they were saved."""
-
-    t0: PyTree[Array] | None
-    ts: PyTree[Array] | None
-    t1: PyTree[Array] | None
+def _zeros_like_diff(tree):
+    return jtu.tree_map(jnp.zeros_like, eqx.filter(tree, eqx.is_inexact_array))
 
 
-def _split_saved_cotangents(subsaveat, grad_ys, y0) -> _SavedCotangents:
-    num_ts = 0 if subsaveat.ts is None else len(subsaveat.ts)
-    offset = 1 if subsaveat.t0 else 0
-    num_out = offset + num_ts + (1 if subsaveat.t1 else 0)
-
-    def materialise(grad, y):
-        if grad is None:
-            return jnp.zeros((num_out,) + jnp.shape(y), jnp.result_type(y))
-        return grad
-
-    if grad_ys is None:
-        grad_ys = jtu.tree_map(lambda y: materialise(None, y), y0)
-    else:
-        grad_ys = jtu.tree_map(materialise, grad_ys, y0, is_leaf=is_none)
-    take = lambda i: jtu.tree_map(lambda g: g[i], grad_ys)
-    return _SavedCotangents(
-        t0=take(0) if subsaveat.t0 else None,
-        ts=jtu.tree_map(lambda g: g[offset : offset + num_ts], grad_ys)
-        if num_ts
-        else None,
-        t1=take(-1) if subsaveat.t1 else None,
+def _zeros_like_cotangent(grad, shapes):
+    # `None` marks an output that nothing depends on.
+    if grad is None:
+        return jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    return jtu.tree_map(
+        lambda g, s: jnp.zeros(s.shape, s.dtype) if g is None else g,
+        grad,
+        shapes,
+        is_leaf=is_none,
     )
 
 
-def _sum_present(trees, like):
-    trees = [tree for tree in trees if tree is not None]
-    if not trees:
-        return jtu.tree_map(jnp.zeros_like, like)
-    return tree_add(*trees)
+def _pull_back_save(fn, t, y, args, cotangent):
+    """The cotangents of `(t, y, args, fn)` for one output `fn(t, y, args)`."""
+    _, pull_back = eqx.filter_vjp(lambda t, y, args, fn: fn(t, y, args), t, y, args, fn)
+    return pull_back(cotangent)
+
+
+class _SaveCotangents(eqx.Module):
+    """Cotangents accumulated for the inputs that one `SubSaveAt`'s outputs depend on,
+    besides the state: its `fn` and its `ts`."""
+
+    fn: PyTree[Array]
+    ts: Array | None
+
+
+def _zero_if_none(grad, index):
+    return 0 if grad is None else grad[index]
+
+
+def _where_tree(pred, tree):
+    return jtu.tree_map(lambda x: jnp.where(pred, x, jnp.zeros_like(x)), tree)
+
+
+class _Outputs(eqx.Module):
+    """The static description of what a `SubSaveAt` saves, and the cotangents of its
+    `ys` (materialised with zeros where unused)."""
+
+    sub: diffrax.SubSaveAt
+    grad_ys: PyTree[Array]
+
+    @property
+    def t0_offset(self) -> int:
+        return 1 if self.sub.t0 else 0
+
+    @property
+    def num_ts(self) -> int:
+        return 0 if self.sub.ts is None else len(self.sub.ts)
+
+    def take(self, index):
+        return jtu.tree_map(lambda g: g[index], self.grad_ys)
+
+    def ts_index(self, j, k):
+        # Steps and `ts` share one output index: `ts[j]` in step `k` follows the
+        # outputs of the `k // steps` step saves before it.
+        steps = self.sub.steps
+        return self.t0_offset + j + (k // steps if steps else 0)
+
+    def step_index(self, k, num_ts_saved):
+        return self.t0_offset + num_ts_saved + (k + 1) // self.sub.steps - 1
 
 
 def _pull_back_saved_ts(
-    ts, cotangents, pointer, prev_end, dense_info, interpolation, dense_info_bar
+    outputs: _Outputs,
+    k,
+    pointer,
+    prev_end,
+    interpolation,
+    dense_info,
+    step_times,
+    args,
+    fn_ts_bar: _SaveCotangents,
 ):
-    """Adds to `dense_info_bar` the cotangents of `ts[j]` for every `j < pointer` with
-    `ts[j] > prev_end`: those are exactly the outputs saved during this step."""
+    """Pulls back the outputs at `ts[j]` for every `j < pointer` with `ts[j] >
+    prev_end`: those are exactly the outputs saved during this step. Returns the new
+    pointer, and cotangents for `(dense_info, step_times, args)` and `fn`, `ts`."""
+    ts = outputs.sub.ts
+    fn = outputs.sub.fn
 
     def cond(carry):
-        pointer, _ = carry
+        pointer, *_ = carry
         return (pointer > 0) & (ts[jnp.maximum(pointer - 1, 0)] > prev_end)
 
     def body(carry):
-        pointer, dense_info_bar = carry
-        index = pointer - 1
-        _, pull_back = eqx.filter_vjp(
-            lambda info: interpolation(info).evaluate(ts[index]), dense_info
-        )
-        (grad,) = pull_back(jtu.tree_map(lambda c: c[index], cotangents))
-        return index, tree_add(dense_info_bar, grad)
+        pointer, inputs_bar, fn_ts_bar = carry
+        j = pointer - 1
 
-    return lax.while_loop(cond, body, (pointer, dense_info_bar))
+        def save(dense_info, step_times, args, t, fn):
+            y = interpolation(dense_info, *step_times).evaluate(t)
+            return fn(t, y, args)
+
+        _, pull_back = eqx.filter_vjp(save, dense_info, step_times, args, ts[j], fn)
+        info_bar, times_bar, args_bar, t_bar, fn_bar = pull_back(
+            outputs.take(outputs.ts_index(j, k))
+        )
+        inputs_bar = tree_add(inputs_bar, (info_bar, times_bar, args_bar))
+        fn_ts_bar = _SaveCotangents(
+            fn=tree_add(fn_ts_bar.fn, fn_bar), ts=fn_ts_bar.ts.at[j].add(t_bar)
+        )
+        return j, inputs_bar, fn_ts_bar
+
+    zeros = _zeros_like_diff((dense_info, step_times, args))
+    pointer, inputs_bar, fn_ts_bar = lax.while_loop(
+        cond, body, (pointer, zeros, fn_ts_bar)
+    )
+    return pointer, inputs_bar, fn_ts_bar
 
 
 @_loop_reversible.def_bwd
 def _loop_reversible_bwd(
-    residuals,
+    residuals: _Residuals,
     grad_final_state__aux_stats,
     perturbed,
-    y0__z0__args__terms,
+    diff_inputs,
     *,
     self,
     solver,
-    saveat,
-    t0,
-    t1,
+    stepsize_controller,
     **kwargs,
 ):
-    del perturbed, self, kwargs
-    record, num_steps, y_final, z_final, ts_saved = residuals
+    del self, kwargs
     grad_final_state, _ = grad_final_state__aux_stats
-    y0, z0, args, terms = y0__z0__args__terms
+    y0, z0, args, terms, saveat, (t0, t1, dt0) = diff_inputs
+    with_step_times = _times_perturbed(perturbed)
+    record = residuals.record
+    num_steps = residuals.num_steps
+    time_dtype = jnp.result_type(t0)
+    zero_time = jnp.zeros((), time_dtype)
 
     subs = jtu.tree_leaves(saveat.subs, is_leaf=_is_subsaveat)
     if grad_final_state is None:
         grad_ys = [None] * len(subs)
+        grad_z_final = None
+        grad_dense_infos = None
+        grad_dense_ts = None
     else:
-        grad_ys = [
-            s.ys
-            for s in jtu.tree_leaves(
-                grad_final_state.save_state, is_leaf=_is_save_state
-            )
-        ]
-    saved = [_split_saved_cotangents(s, g, y0) for s, g in zip(subs, grad_ys)]
-    with_ts = [i for i, sub in enumerate(subs) if sub.ts is not None]
+        grad_ys = [s.ys for s in _save_states(grad_final_state)]
+        grad_z_final = grad_final_state.solver_state if saveat.solver_state else None
+        grad_dense_infos = grad_final_state.dense_infos if saveat.dense else None
+        grad_dense_ts = grad_final_state.dense_ts if saveat.dense else None
+    outputs = [
+        _Outputs(sub=sub, grad_ys=_zeros_like_cotangent(g, shapes))
+        for sub, g, shapes in zip(subs, grad_ys, residuals.ys_shapes)
+    ]
+    with_ts = [i for i, out in enumerate(outputs) if out.num_ts]
+    with_steps = [i for i, out in enumerate(outputs) if out.sub.steps]
+    with_dense = bool(with_ts) or grad_dense_infos is not None
 
-    diff = eqx.filter((y0, z0, args, terms), eqx.is_inexact_array)
-    zeros = jtu.tree_map(jnp.zeros_like, diff)
-    y_bar = _sum_present([c.t1 for c in saved], y0)
-    z_bar = zeros[1]
+    diff = _zeros_like_diff((y0, z0, args, terms))
+    y_bar, z_bar, args_bar, terms_bar = diff
+    if grad_z_final is not None:
+        z_bar = tree_add(z_bar, eqx.filter(grad_z_final, eqx.is_inexact_array))
+    save_bars = [
+        _SaveCotangents(
+            fn=_zeros_like_diff(out.sub.fn),
+            ts=None if out.sub.ts is None else jnp.zeros_like(out.sub.ts),
+        )
+        for out in outputs
+    ]
+    t0_bar, t1_bar, dt0_bar = zero_time, zero_time, zero_time
+
+    # Outputs at `t1`, unless the last step's save already was.
+    y_final = residuals.y_final
+    for i, out in enumerate(outputs):
+        steps = out.sub.steps
+        if not out.sub.t1 or steps == 1:
+            continue
+        saved = True if steps == 0 else num_steps % steps != 0
+        index = residuals.save_index[i] - 1
+        t_bar, y_final_bar, args_bar_i, fn_bar = _pull_back_save(
+            out.sub.fn, t1, y_final, args, _where_tree(saved, out.take(index))
+        )
+        y_bar = tree_add(y_bar, y_final_bar)
+        args_bar = tree_add(args_bar, args_bar_i)
+        save_bars[i] = _SaveCotangents(
+            fn=tree_add(save_bars[i].fn, fn_bar), ts=save_bars[i].ts
+        )
+        t1_bar = t1_bar + t_bar
 
     def step_start(k):
         if record.starts is not None:
             return record.starts[k]
         return jnp.where(k > 0, record.ends[k - 1], t0)
 
-    def cond(carry):
-        k, *_ = carry
-        return k >= 0
+    def interpolation(dense_info, step_t0, step_t1):
+        return solver.interpolation_cls(t0=step_t0, t1=step_t1, **dense_info)
 
-    def body(carry):
-        k, y1, z1, y1_bar, z1_bar, args_bar, terms_bar, pointers = carry
+    def reverse_step(k, y1, z1, y1_bar, z1_bar, dense_info_cotangent):
         step_t0 = step_start(k)
         step_t1 = record.ends[k]
-        prev_end = jnp.where(k > 0, record.ends[k - 1], -jnp.inf)
-
-        def saved_ts_cotangent(dense_info):
-            interpolation = lambda info: solver.interpolation_cls(
-                t0=step_t0, t1=step_t1, **info
-            )
-            dense_info_bar = jtu.tree_map(jnp.zeros_like, dense_info)
-            new_pointers = []
-            for i, pointer in zip(with_ts, pointers):
-                pointer, dense_info_bar = _pull_back_saved_ts(
-                    subs[i].ts,
-                    saved[i].ts,
-                    pointer,
-                    prev_end,
-                    dense_info,
-                    interpolation,
-                    dense_info_bar,
-                )
-                new_pointers.append(pointer)
-            return dense_info_bar, tuple(new_pointers)
-
-        (y0_k, z0_k), (y0_bar, z0_bar, args_bar_k, terms_bar_k), new_pointers = (
-            solver.reverse_step(
+        if type(solver) is Reversible:
+            return solver.reverse_step(
                 terms,
                 step_t0,
                 step_t1,
@@ -347,42 +474,238 @@ def _loop_reversible_bwd(
                 args,
                 y1_bar,
                 z1_bar,
-                saved_ts_cotangent if with_ts else None,
+                dense_info_cotangent,
+                with_step_times,
             )
+        return native_reverse_step(
+            solver,
+            terms,
+            step_t0,
+            step_t1,
+            step_start(jnp.maximum(k - 1, 0)),
+            y1,
+            z1,
+            args,
+            y1_bar,
+            z1_bar,
+            dense_info_cotangent,
+            with_step_times,
         )
+
+    def cond(carry):
+        k, *_ = carry
+        return k >= 0
+
+    def body(carry):
+        k, (y1, z1), (y1_bar, z1_bar), args_bar, terms_bar, *rest = carry
+        pointers, save_bars, times = rest
+        t0_bar, t1_bar, dt0_bar, end_bar = times
+        step_t0 = step_start(k)
+        step_t1 = record.ends[k]
+        prev_end = jnp.where(k > 0, record.ends[k - 1], -jnp.inf)
+        save_bars = list(save_bars)
+
+        # Outputs saved at the end of this step by `SaveAt(steps=...)`.
+        for i in with_steps:
+            out = outputs[i]
+            saved = (k + 1) % out.sub.steps == 0
+            num_ts_saved = pointers[i] if out.num_ts else 0
+            cotangent = _where_tree(saved, out.take(out.step_index(k, num_ts_saved)))
+            t_bar, y1_bar_i, args_bar_i, fn_bar = _pull_back_save(
+                out.sub.fn, step_t1, y1, args, cotangent
+            )
+            y1_bar = tree_add(y1_bar, y1_bar_i)
+            args_bar = tree_add(args_bar, args_bar_i)
+            save_bars[i] = _SaveCotangents(
+                fn=tree_add(save_bars[i].fn, fn_bar), ts=save_bars[i].ts
+            )
+            if with_step_times:
+                end_bar = end_bar + t_bar
+
+        def dense_info_cotangent(dense_info):
+            # Outputs interpolated within this step: `SaveAt(ts=...)` and dense output.
+            step_times = (step_t0, step_t1)
+            inputs_bar = _zeros_like_diff((dense_info, step_times, args))
+            if grad_dense_infos is not None:
+                info_bar = jtu.tree_map(
+                    lambda g, x: jnp.zeros_like(x) if g is None else g[k],
+                    grad_dense_infos,
+                    eqx.filter(dense_info, eqx.is_inexact_array),
+                    is_leaf=is_none,
+                )
+                inputs_bar = (tree_add(inputs_bar[0], info_bar), *inputs_bar[1:])
+            new_pointers = list(pointers)
+            new_save_bars = list(save_bars)
+            for i in with_ts:
+                new_pointers[i], inputs_bar_i, new_save_bars[i] = _pull_back_saved_ts(
+                    outputs[i],
+                    k,
+                    pointers[i],
+                    prev_end,
+                    interpolation,
+                    dense_info,
+                    step_times,
+                    args,
+                    save_bars[i],
+                )
+                inputs_bar = tree_add(inputs_bar, inputs_bar_i)
+            info_bar, step_times_bar, args_bar_saved = inputs_bar
+            aux = (step_times_bar, args_bar_saved, new_pointers, new_save_bars)
+            return info_bar, aux
+
+        (y0, z0), cotangents, aux = reverse_step(
+            k,
+            y1,
+            z1,
+            y1_bar,
+            z1_bar,
+            dense_info_cotangent if with_dense else None,
+        )
+        y0_bar, z0_bar, args_bar_k, terms_bar_k, times_bar_k = cotangents
+        t0_bar_k, t1_bar_k = (0, 0) if times_bar_k is None else times_bar_k
+        args_bar = tree_add(args_bar, args_bar_k)
+        terms_bar = tree_add(terms_bar, terms_bar_k)
+        if aux is not None:
+            (interp_t0_bar, interp_t1_bar), args_bar_saved, pointers, save_bars = aux
+            args_bar = tree_add(args_bar, args_bar_saved)
+            t0_bar_k = t0_bar_k + interp_t0_bar
+            t1_bar_k = t1_bar_k + interp_t1_bar
+
+        if with_step_times:
+            end_bar = end_bar + t1_bar_k
+            if grad_dense_ts is not None:
+                end_bar = end_bar + _zero_if_none(grad_dense_ts, k + 1)
+            _, pull_back_end = jax.vjp(
+                lambda t0, t1, dt0: _step_end_time(
+                    stepsize_controller,
+                    k,
+                    step_t1,
+                    t0,
+                    t1,
+                    dt0,
+                    residuals.controller_num_steps,
+                ),
+                t0,
+                t1,
+                dt0,
+            )
+            t0_bar_e, t1_bar_e, dt0_bar_e = pull_back_end(end_bar)
+            t0_bar = t0_bar + t0_bar_e
+            t1_bar = t1_bar + t1_bar_e
+            if dt0 is not None:
+                dt0_bar = dt0_bar + dt0_bar_e
+            # The start of this step is the end of the previous one (or `t0`).
+            end_bar = t0_bar_k
+        times = (t0_bar, t1_bar, dt0_bar, end_bar)
         return (
             k - 1,
-            y0_k,
-            z0_k,
-            y0_bar,
-            z0_bar,
-            tree_add(args_bar, args_bar_k),
-            tree_add(terms_bar, terms_bar_k),
-            pointers if new_pointers is None else new_pointers,
+            (y0, z0),
+            (y0_bar, z0_bar),
+            args_bar,
+            terms_bar,
+            tuple(pointers),
+            tuple(save_bars),
+            times,
         )
 
+    pointers = tuple(
+        residuals.ts_saved[i] if outputs[i].num_ts else jnp.zeros((), jnp.int32)
+        for i in range(len(outputs))
+    )
     init = (
         num_steps - 1,
-        y_final,
-        z_final,
-        y_bar,
-        z_bar,
-        zeros[2],
-        zeros[3],
-        tuple(ts_saved[i] for i in with_ts),
+        (y_final, residuals.z_final),
+        (y_bar, z_bar),
+        args_bar,
+        terms_bar,
+        pointers,
+        tuple(save_bars),
+        (t0_bar, t1_bar, dt0_bar, zero_time),
     )
-    _, _, _, y_bar, z_bar, args_bar, terms_bar, _ = lax.while_loop(cond, body, init)
+    _, _, (y_bar, z_bar), args_bar, terms_bar, _, save_bars, times = lax.while_loop(
+        cond, body, init
+    )
+    t0_bar, t1_bar, dt0_bar, start_bar = times
+    t0_bar = t0_bar + start_bar
+    save_bars = list(save_bars)
+    if grad_dense_ts is not None:
+        t0_bar = t0_bar + _zero_if_none(grad_dense_ts, 0)
 
-    # Saved at `t0` directly; and when `t0 == t1` Diffrax makes no step and fills every
-    # `SaveAt(ts=...)` output with `y0`.
-    y_bar = tree_add(y_bar, _sum_present([c.t0 for c in saved], y0))
+    # Outputs at `t0`; and when `t0 == t1` Diffrax makes no step and saves the output
+    # at `t0` in place of every `SaveAt(ts=...)` output.
     no_steps = t0 == t1
-    for i in with_ts:
-        ts_bar = jtu.tree_map(
-            lambda c: jnp.where(no_steps, c.sum(axis=0), 0), saved[i].ts
+    for i, out in enumerate(outputs):
+        cotangent = None
+        if out.sub.t0:
+            cotangent = out.take(0)
+        if out.num_ts:
+            start = out.t0_offset
+            ts_cotangent = jtu.tree_map(
+                lambda g: jnp.where(no_steps, g[start : start + out.num_ts].sum(0), 0),
+                out.grad_ys,
+            )
+            cotangent = (
+                ts_cotangent if cotangent is None else tree_add(cotangent, ts_cotangent)
+            )
+        if cotangent is None:
+            continue
+        t_bar, y0_bar_i, args_bar_i, fn_bar = _pull_back_save(
+            out.sub.fn, t0, y0, args, cotangent
         )
-        y_bar = tree_add(y_bar, ts_bar)
-    return y_bar, z_bar, args_bar, terms_bar
+        y_bar = tree_add(y_bar, y0_bar_i)
+        args_bar = tree_add(args_bar, args_bar_i)
+        save_bars[i] = _SaveCotangents(
+            fn=tree_add(save_bars[i].fn, fn_bar), ts=save_bars[i].ts
+        )
+        t0_bar = t0_bar + t_bar
+
+    saveat_bar = _saveat_cotangent(saveat, save_bars)
+    times_bar = (t0_bar, t1_bar, None if dt0 is None else dt0_bar.astype(dt0.dtype))
+    times_bar = jtu.tree_map(
+        lambda bar, t: bar if eqx.is_inexact_array(t) else None,
+        times_bar,
+        (t0, t1, dt0),
+        is_leaf=is_none,
+    )
+    return y_bar, z_bar, args_bar, terms_bar, saveat_bar, times_bar
+
+
+def _saveat_cotangent(saveat, save_bars):
+    leaves, treedef = jtu.tree_flatten(saveat.subs, is_leaf=_is_subsaveat)
+    subs_bar = [
+        eqx.tree_at(
+            lambda s: (s.ts, s.fn),
+            eqx.filter(sub, eqx.is_inexact_array),
+            (bar.ts, bar.fn),
+            is_leaf=is_none,
+        )
+        for sub, bar in zip(leaves, save_bars)
+    ]
+    saveat_bar = eqx.filter(saveat, eqx.is_inexact_array)
+    return eqx.tree_at(
+        lambda s: s.subs,
+        saveat_bar,
+        jtu.tree_unflatten(treedef, subs_bar),
+        is_leaf=is_none,
+    )
+
+
+def _only_outputs_differentiable(final_state, saveat):
+    """Diffrax's convention for adjoints: gradients flow through what the solution
+    exposes (`ys`; the dense output and the final solver state when saved), and
+    anything else raises."""
+
+    def outputs(state):
+        out = [s.ys for s in _save_states(state)]
+        if saveat.dense:
+            out += [state.dense_infos, state.dense_ts]
+        if saveat.solver_state:
+            out.append(state.solver_state)
+        return out
+
+    values = outputs(final_state)
+    final_state = eqxi.nondifferentiable_backward(final_state, symbolic=False)
+    return eqx.tree_at(outputs, final_state, values, is_leaf=is_none)
 
 
 class ReversibleAdjoint(diffrax.AbstractAdjoint):
@@ -443,7 +766,11 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
     ):
         del throw
         _check_supported(
-            solver=solver, terms=terms, saveat=saveat, event=event, max_steps=max_steps
+            solver=solver,
+            terms=terms,
+            stepsize_controller=stepsize_controller,
+            event=event,
+            max_steps=max_steps,
         )
         y0 = init_state.y
         z0 = init_state.solver_state
@@ -454,7 +781,7 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
             )
         else:
             controller_fn = lax.stop_gradient
-        times = ft.partial(eqxi.nondifferentiable, msg=_TIMES_NONDIFFERENTIABLE)
+        # The forward values only: time gradients come from the custom VJP's inputs.
         init_state = eqx.tree_at(
             lambda s: (s.y, s.solver_state, s.controller_state, s.tprev, s.tnext),
             init_state,
@@ -462,27 +789,26 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
                 object(),
                 object(),
                 controller_fn(init_state.controller_state),
-                times(init_state.tprev),
-                times(init_state.tnext),
+                lax.stop_gradient(init_state.tprev),
+                lax.stop_gradient(init_state.tnext),
             ),
             is_leaf=is_none,
         )
         terms = _closure_convert_vector_fields(terms, t0, y0, args)
+        saveat = _closure_convert_saveat_fns(saveat, t0, y0, args)
         final_state, aux_stats = _loop_reversible(
-            (y0, z0, args, terms),
+            (y0, z0, args, terms, saveat, (t0, t1, dt0)),
             self=self,
             solver=solver,
-            stepsize_controller=times(stepsize_controller),
+            stepsize_controller=eqxi.nondifferentiable(
+                stepsize_controller, msg=_CONTROLLER_NONDIFFERENTIABLE
+            ),
             event=event,
-            saveat=times(saveat),
-            t0=times(t0),
-            t1=times(t1),
-            dt0=times(dt0),
             max_steps=max_steps,
             init_state=init_state,
             progress_meter=progress_meter,
         )
-        return only_transpose_ys(final_state), aux_stats
+        return _only_outputs_differentiable(final_state, saveat), aux_stats
 
 
 ReversibleAdjoint.__init__.__doc__ = """**Arguments:** None"""

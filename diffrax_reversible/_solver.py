@@ -337,7 +337,8 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
         y1_bar: Y,
         z1_bar: Y,
         dense_info_cotangent: Callable[[DenseInfo], tuple[DenseInfo, Any]] | None,
-    ) -> tuple[tuple[Y, Y], tuple[Y, Y, Args, PyTree], Any]:
+        time_cotangents: bool = False,
+    ) -> tuple[tuple[Y, Y], tuple[Y, Y, Args, PyTree, Any], Any]:
         """Undoes one step and pulls cotangents back through it, in one pass.
 
         The two base steps that the inverse evaluates, `Φ_{-h}(t1, y1)` and
@@ -353,35 +354,45 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
         - `y1_bar`, `z1_bar`: the cotangents of `y1` and `z1`.
         - `dense_info_cotangent`: maps the step's `dense_info` to its cotangent and any
             auxiliary output; or `None` if nothing was saved from the dense output.
+        - `time_cotangents`: whether to pull back to `t0` and `t1` too. (Brownian paths
+            refuse to be differentiated with respect to time.)
 
         **Returns:**
 
-        `((y0, z0), (y0_bar, z0_bar, args_bar, terms_bar), aux)`: the state at `t0`,
-        the cotangents of `step`'s inputs (`None` for their non-differentiable parts),
-        and the auxiliary output of `dense_info_cotangent` (`None` without one).
+        `((y0, z0), (y0_bar, z0_bar, args_bar, terms_bar, times_bar), aux)`: the state
+        at `t0`, the cotangents of `step`'s inputs (`None` for their non-differentiable
+        parts; `times_bar` is `(t0_bar, t1_bar)`, or `None` without
+        `time_cotangents`), and the auxiliary output of `dense_info_cotangent` (`None`
+        without one).
         """
         coupling = self._coupling(y1)
         dense = dense_info_cotangent is not None
 
-        def backward_base_step(y, args, terms):
-            y_back, _, _, _ = self.base_step(terms, t1, t0, y, args)
+        times = (t0, t1) if time_cotangents else None
+
+        def backward_base_step(y, args, terms, times):
+            ta, tb = (t0, t1) if times is None else times
+            y_back, _, _, _ = self.base_step(terms, tb, ta, y, args)
             return y_back
 
-        def forward_base_step(z, args, terms):
-            z_step, _, base_dense_info, _ = self.base_step(terms, t0, t1, z, args)
+        def forward_base_step(z, args, terms, times):
+            ta, tb = (t0, t1) if times is None else times
+            z_step, _, base_dense_info, _ = self.base_step(terms, ta, tb, z, args)
             return z_step, base_dense_info if dense else None
 
         # Reverse of: A = Φ_h(z0); y1 = λ(y0 - z0) + A; B = Φ_{-h}(y1);
         # z1 = y1 + z0 - B; and, in `dense_info`, the offsets y0 - z0 and y1 - A.
         y1_back, pull_back_backward = eqx.filter_vjp(
-            backward_base_step, y1, args, terms
+            backward_base_step, y1, args, terms, times
         )
-        y1_bar_via_back, args_bar, terms_bar = pull_back_backward((-(z1_bar**ω)).ω)
+        y1_bar_via_back, args_bar, terms_bar, times_bar = pull_back_backward(
+            (-(z1_bar**ω)).ω
+        )
         y1_bar = (y1_bar**ω + z1_bar**ω + y1_bar_via_back**ω).ω
         z0 = (z1**ω - y1**ω + y1_back**ω).ω
 
         (z_step, base_dense_info), pull_back_forward = eqx.filter_vjp(
-            forward_base_step, z0, args, terms
+            forward_base_step, z0, args, terms, times
         )
         y0 = ((y1**ω - z_step**ω) / coupling + z0**ω).ω
         if dense:
@@ -400,13 +411,14 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
             y0_bar = (coupling * y1_bar**ω).ω
             z0_bar = (z1_bar**ω - coupling * y1_bar**ω).ω
             base_dense_info_bar = None
-        z0_bar_via_step, args_bar_step, terms_bar_step = pull_back_forward(
-            (z_step_bar, base_dense_info_bar)
+        z0_bar_via_step, args_bar_step, terms_bar_step, times_bar_step = (
+            pull_back_forward((z_step_bar, base_dense_info_bar))
         )
         z0_bar = (z0_bar**ω + z0_bar_via_step**ω).ω
         args_bar = tree_add(args_bar, args_bar_step)
         terms_bar = tree_add(terms_bar, terms_bar_step)
-        return (y0, z0), (y0_bar, z0_bar, args_bar, terms_bar), aux
+        times_bar = tree_add(times_bar, times_bar_step)
+        return (y0, z0), (y0_bar, z0_bar, args_bar, terms_bar, times_bar), aux
 
     def base_step(
         self,

@@ -79,25 +79,6 @@ def test_events_unsupported():
         _solve(event=event)
 
 
-@pytest.mark.parametrize(
-    "saveat,match",
-    [
-        (diffrax.SaveAt(steps=True), r"SaveAt\(steps=...\)"),
-        (diffrax.SaveAt(dense=True), r"SaveAt\(dense=True\)"),
-        (diffrax.SaveAt(t1=True, fn=lambda t, y, args: y**2), r"SaveAt\(fn=...\)"),
-        (
-            diffrax.SaveAt(
-                subs=[diffrax.SubSaveAt(t1=True), diffrax.SubSaveAt(steps=True)]
-            ),
-            r"SaveAt\(steps=...\)",
-        ),
-    ],
-)
-def test_unsupported_saveat(saveat, match):
-    with pytest.raises(ValueError, match=match):
-        _solve(saveat=saveat)
-
-
 def test_unsafe_brownian_path():
     brownian = diffrax.UnsafeBrownianPath(shape=(1,), key=jr.PRNGKey(0))
     terms = diffrax.MultiTerm(
@@ -108,7 +89,7 @@ def test_unsafe_brownian_path():
         _solve(terms=terms, solver=dr.Reversible(diffrax.Heun()))
 
 
-def test_time_gradients_raise_clearly():
+def test_time_gradients_with_adaptive_steps_raise_clearly():
     def loss(t1):
         return jnp.sum(
             diffrax.diffeqsolve(
@@ -118,9 +99,37 @@ def test_time_gradients_raise_clearly():
                 t1,
                 0.1,
                 jnp.array([1.0]),
+                stepsize_controller=diffrax.PIDController(rtol=1e-6, atol=1e-6),
                 adjoint=dr.ReversibleAdjoint(),
             ).ys
         )
 
-    with pytest.raises(Exception, match="does not support gradients with respect to"):
+    with pytest.raises(ValueError, match="ConstantStepSize` and `StepTo` only"):
         jax.grad(loss)(1.0)
+
+
+def test_controller_gradients_raise_clearly():
+    def loss(ts):
+        return jnp.sum(
+            diffrax.diffeqsolve(
+                diffrax.ODETerm(lambda t, y, args: -y),
+                dr.Reversible(diffrax.Tsit5()),
+                0.0,
+                1.0,
+                None,
+                jnp.array([1.0]),
+                stepsize_controller=diffrax.StepTo(ts=ts),
+                adjoint=dr.ReversibleAdjoint(),
+            ).ys
+        )
+
+    with pytest.raises(Exception, match="step size controller"):
+        jax.grad(loss)(jnp.linspace(0.0, 1.0, 5))
+
+
+def test_reversible_heun_with_jumps():
+    controller = diffrax.ClipStepSizeController(
+        diffrax.PIDController(rtol=1e-3, atol=1e-3), jump_ts=[0.5]
+    )
+    with pytest.raises(ValueError, match="jump_ts"):
+        _solve(solver=diffrax.ReversibleHeun(), stepsize_controller=controller)

@@ -245,7 +245,7 @@ def test_fused_reverse_step_matches_unfused(base, dense, getkey):
     solver = dr.Reversible(base)
     term = diffrax.ODETerm(decaying_oscillator)
     args = (jnp.array(0.3), jnp.array(1.7))
-    t0, t1 = 0.2, 0.35
+    t0, t1 = jnp.array(0.2), jnp.array(0.35)
     y0 = jnp.array([1.0, -0.5])
     y_half, _, _, z_half, _ = solver.step(term, 0.0, t0, y0, args, y0, False)
     y1, _, _, z1, _ = solver.step(term, t0, t1, y_half, args, z_half, False)
@@ -254,12 +254,14 @@ def test_fused_reverse_step_matches_unfused(base, dense, getkey):
         lambda x: jr.normal(getkey(), x.shape, x.dtype), tree
     )
 
-    def step(y, z, args):
-        out_y, _, dense_info, out_z, _ = solver.step(term, t0, t1, y, args, z, False)
+    def step(y, z, args, times):
+        out_y, _, dense_info, out_z, _ = solver.step(term, *times, y, args, z, False)
         return out_y, out_z, dense_info if dense else None
 
     y0_ref, z0_ref = solver.inverse_step(term, t0, t1, y1, z1, args)
-    (_, _, dense_info_ref), pull_back = eqx.filter_vjp(step, y0_ref, z0_ref, args)
+    (_, _, dense_info_ref), pull_back = eqx.filter_vjp(
+        step, y0_ref, z0_ref, args, (t0, t1)
+    )
     dense_info_bar = random_like(dense_info_ref) if dense else None
     ref_bars = pull_back((y1_bar, z1_bar, dense_info_bar))
 
@@ -267,12 +269,21 @@ def test_fused_reverse_step_matches_unfused(base, dense, getkey):
         assert rel_error(dense_info, dense_info_ref) < 1e-13
         return dense_info_bar, "aux"
 
-    (y0, z0), (y0_bar, z0_bar, args_bar, _), aux = solver.reverse_step(
-        term, t0, t1, y1, z1, args, y1_bar, z1_bar, cotangent if dense else None
+    (y0, z0), (y0_bar, z0_bar, args_bar, _, times_bar), aux = solver.reverse_step(
+        term,
+        t0,
+        t1,
+        y1,
+        z1,
+        args,
+        y1_bar,
+        z1_bar,
+        cotangent if dense else None,
+        time_cotangents=True,
     )
     assert aux == ("aux" if dense else None)
     assert rel_error((y0, z0), (y_half, z_half)) < 1e-14
-    assert rel_error((y0_bar, z0_bar, args_bar), ref_bars) < 1e-13
+    assert rel_error((y0_bar, z0_bar, args_bar, times_bar), ref_bars) < 1e-13
 
 
 def test_dense_output_with_diffrax_adjoint():

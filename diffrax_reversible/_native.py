@@ -1,0 +1,97 @@
+"""Closed-form inverses of Diffrax's own algebraically reversible solvers, so that
+[`diffrax_reversible.ReversibleAdjoint`][] can use them without a wrapper."""
+
+from collections.abc import Callable
+from typing import Any
+
+import diffrax
+import equinox as eqx
+from equinox.internal import ω
+from jaxtyping import PyTree
+
+from ._custom_types import Args, DenseInfo, RealScalarLike, Y
+
+
+NATIVE_REVERSIBLE_SOLVERS = (
+    diffrax.ReversibleHeun,
+    diffrax.LeapfrogMidpoint,
+    diffrax.SemiImplicitEuler,
+)
+
+
+def _invert_reversible_heun(terms, t0, t1, tm1, y1, state1, args):
+    del tm1
+    # Forward: yhat1 = 2 y0 - yhat0 + f0 dt; y1 = y0 + (f0 + f1) dt / 2; f1 = f(yhat1).
+    yhat1, vf1 = state1
+    control = terms.contr(t0, t1)
+    yhat0 = (2 * y1**ω - yhat1**ω - terms.prod(vf1, control) ** ω).ω
+    vf0 = terms.vf(t0, yhat0, args)
+    y0 = (y1**ω - 0.5 * terms.prod((vf0**ω + vf1**ω).ω, control) ** ω).ω
+    return y0, (yhat0, vf0)
+
+
+def _invert_leapfrog_midpoint(terms, t0, t1, tm1, y1, state1, args):
+    # Forward: y1 = y_{-1} + f(t0, y0) (t1 - t_{-1}); the state after the step is
+    # (t0, y0), and `tm1` is where the previous step started.
+    _, y0 = state1
+    control = terms.contr(tm1, t1)
+    ym1 = (y1**ω - terms.vf_prod(t0, y0, args, control) ** ω).ω
+    return y0, (tm1, ym1)
+
+
+def _invert_semi_implicit_euler(terms, t0, t1, tm1, y1, state1, args):
+    del tm1, state1
+    term_1, term_2 = terms
+    y1_1, y1_2 = y1
+    y0_2 = (y1_2**ω - term_2.vf_prod(t0, y1_1, args, term_2.contr(t0, t1)) ** ω).ω
+    y0_1 = (y1_1**ω - term_1.vf_prod(t0, y0_2, args, term_1.contr(t0, t1)) ** ω).ω
+    return (y0_1, y0_2), None
+
+
+_INVERSES = {
+    diffrax.ReversibleHeun: _invert_reversible_heun,
+    diffrax.LeapfrogMidpoint: _invert_leapfrog_midpoint,
+    diffrax.SemiImplicitEuler: _invert_semi_implicit_euler,
+}
+
+
+def native_reverse_step(
+    solver: diffrax.AbstractSolver,
+    terms: PyTree[diffrax.AbstractTerm],
+    t0: RealScalarLike,
+    t1: RealScalarLike,
+    tm1: RealScalarLike,
+    y1: Y,
+    state1: PyTree,
+    args: Args,
+    y1_bar: Y,
+    state1_bar: PyTree,
+    dense_info_cotangent: Callable[[DenseInfo], tuple[DenseInfo, Any]] | None,
+    time_cotangents: bool = False,
+):
+    """As [`diffrax_reversible.Reversible.reverse_step`][], for one of
+    `NATIVE_REVERSIBLE_SOLVERS`: undo the step in closed form, then take the
+    vector-Jacobian product of the solver's own `step` at the recovered start.
+
+    `tm1` is the start of the previous step (the start of this one for the first step);
+    only `LeapfrogMidpoint` uses it.
+    """
+    y0, state0 = _INVERSES[type(solver)](terms, t0, t1, tm1, y1, state1, args)
+    dense = dense_info_cotangent is not None
+
+    times = (t0, t1) if time_cotangents else None
+
+    def step(y0, state0, args, terms, times):
+        ta, tb = (t0, t1) if times is None else times
+        y1, _, dense_info, state1, _ = solver.step(
+            terms, ta, tb, y0, args, state0, made_jump=False
+        )
+        return y1, state1, dense_info if dense else None
+
+    (_, _, dense_info), pull_back = eqx.filter_vjp(step, y0, state0, args, terms, times)
+    if dense:
+        dense_info_bar, aux = dense_info_cotangent(dense_info)
+    else:
+        dense_info_bar, aux = None, None
+    cotangents = pull_back((y1_bar, state1_bar, dense_info_bar))
+    return (y0, state0), cotangents, aux
