@@ -1,5 +1,6 @@
 import functools as ft
 import types
+from collections.abc import Callable
 from typing import Any
 
 import diffrax
@@ -39,7 +40,9 @@ def _save_states(state) -> list[SaveState]:
     return [leaf for leaf in leaves if _is_save_state(leaf)]
 
 
-def _check_supported(*, solver, terms, stepsize_controller, event, max_steps) -> None:
+def _check_supported(
+    *, solver, terms, saveat, stepsize_controller, event, max_steps
+) -> None:
     if type(solver) is not Reversible and type(solver) not in NATIVE_REVERSIBLE_SOLVERS:
         name = type(solver).__name__
         raise ValueError(
@@ -70,11 +73,20 @@ def _check_supported(*, solver, terms, stepsize_controller, event, max_steps) ->
             "times of the accepted steps are recorded in a buffer of length "
             "`max_steps`. Pass an integer `max_steps`."
         )
-    if event is not None:
+    if _finds_event_root(event) and (
+        saveat.dense
+        or any(sub.steps for sub in jtu.tree_leaves(saveat.subs, is_leaf=_is_subsaveat))
+    ):
         raise ValueError(
-            "`adjoint=ReversibleAdjoint()` does not support `event=...` yet. Consider "
+            "`adjoint=ReversibleAdjoint()` does not support an `Event` with a "
+            "`root_finder` together with `SaveAt(steps=...)` or `SaveAt(dense=True)`. "
+            "Consider `SaveAt(ts=...)`, `Event(root_finder=None)`, or "
             "`adjoint=diffrax.RecursiveCheckpointAdjoint()`."
         )
+
+
+def _finds_event_root(event) -> bool:
+    return event is not None and event.root_finder is not None
 
 
 def _closure_convert(fn, t0, y0, args):
@@ -107,6 +119,31 @@ def _closure_convert_saveat_fns(saveat, t0, y0, args):
         return eqx.tree_at(lambda s: s.fn, sub, _closure_convert(sub.fn, t0, y0, args))
 
     return jtu.tree_map(convert, saveat, is_leaf=_is_subsaveat)
+
+
+class _PositionalCondFn(eqx.Module):
+    # Diffrax passes `t`, `y`, `args` by keyword in its root find; a closure-converted
+    # function takes them by position.
+    cond_fn: Callable
+
+    def __call__(self, t, y, args, **kwargs):
+        return self.cond_fn(t, y, args, **kwargs)
+
+
+def _closure_convert_event(event, example_args, cond_fn_kwargs):
+    if event is None:
+        return None
+
+    def convert(cond_fn):
+        if isinstance(cond_fn, types.FunctionType) and cond_fn.__closure__:
+            cond_fn = eqx.filter_closure_convert(
+                cond_fn, *example_args, **cond_fn_kwargs
+            )
+            return _PositionalCondFn(cond_fn)
+        return cond_fn
+
+    cond_fn = jtu.tree_map(convert, event.cond_fn, is_leaf=callable)
+    return eqx.tree_at(lambda e: e.cond_fn, event, cond_fn)
 
 
 def _steps_are_contiguous(controller: diffrax.AbstractStepSizeController) -> bool:
@@ -186,7 +223,7 @@ def _recording_while_loop(record_starts: bool, records_out: list):
 
 def _forward_loop(diff_inputs, *, self, init_state, outer_while_loop, **kwargs):
     # Not differentiated (the custom VJP supplies the gradient), so plain loops.
-    y0, z0, args, terms, saveat, (t0, t1, dt0) = diff_inputs
+    y0, z0, args, terms, saveat, (t0, t1, dt0), event = diff_inputs
     init_state = eqx.tree_at(
         lambda s: (s.y, s.solver_state), init_state, (y0, z0), is_leaf=is_none
     )
@@ -197,6 +234,7 @@ def _forward_loop(diff_inputs, *, self, init_state, outer_while_loop, **kwargs):
         t0=t0,
         t1=t1,
         dt0=dt0,
+        event=event,
         init_state=init_state,
         inner_while_loop=ft.partial(eqxi.while_loop, kind="lax"),
         outer_while_loop=outer_while_loop,
@@ -211,7 +249,7 @@ def _loop_reversible(diff_inputs, **kwargs):
 
 
 def _times_perturbed(perturbed) -> bool:
-    *_, times = perturbed
+    *_, times, _ = perturbed
     return any(jtu.tree_leaves(times))
 
 
@@ -223,7 +261,23 @@ class _Residuals(eqx.Module):
     ts_saved: list[Array]
     save_index: list[Array]
     ys_shapes: list[PyTree[Any]]
+    ts_shapes: list[Any]
     controller_num_steps: Array | None
+    event_mask: PyTree[Array] | None
+    event_time: Array | None
+    event_dense_info: PyTree[Array] | None
+    event_step_times: tuple[Array, Array] | None
+
+
+def _event_time(event, subs, save_states, like):
+    """Where a terminating event stopped the solve, as saved at `t1` (outputs depend
+    on it only through the output at `t1`)."""
+    if not _finds_event_root(event):
+        return None
+    for sub, save_state in zip(subs, save_states):
+        if sub.t1:
+            return save_state.ts[save_state.save_index - 1]
+    return jnp.zeros((), jnp.result_type(like))
 
 
 @_loop_reversible.def_fwd
@@ -265,7 +319,17 @@ def _loop_reversible_fwd(perturbed, diff_inputs, *, stepsize_controller, **kwarg
             jtu.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), s.ys)
             for s in save_states
         ],
+        ts_shapes=[jax.ShapeDtypeStruct(s.ts.shape, s.ts.dtype) for s in save_states],
         controller_num_steps=controller_num_steps,
+        event_mask=final_state.event_mask,
+        event_time=_event_time(
+            diff_inputs[-1],
+            jtu.tree_leaves(diff_inputs[4].subs, is_leaf=_is_subsaveat),
+            save_states,
+            final_state.tprev,
+        ),
+        event_dense_info=final_state.event_dense_info,
+        event_step_times=(final_state.event_tprev, final_state.event_tnext),
     )
     return (final_state, aux_stats), residuals
 
@@ -314,6 +378,7 @@ class _Outputs(eqx.Module):
 
     sub: diffrax.SubSaveAt
     grad_ys: PyTree[Array]
+    grad_ts: Array
 
     @property
     def t0_offset(self) -> int:
@@ -366,9 +431,9 @@ def _pull_back_saved_ts(
             return fn(t, y, args)
 
         _, pull_back = eqx.filter_vjp(save, dense_info, step_times, args, ts[j], fn)
-        info_bar, times_bar, args_bar, t_bar, fn_bar = pull_back(
-            outputs.take(outputs.ts_index(j, k))
-        )
+        index = outputs.ts_index(j, k)
+        info_bar, times_bar, args_bar, t_bar, fn_bar = pull_back(outputs.take(index))
+        t_bar = t_bar + outputs.grad_ts[index]
         inputs_bar = tree_add(inputs_bar, (info_bar, times_bar, args_bar))
         fn_ts_bar = _SaveCotangents(
             fn=tree_add(fn_ts_bar.fn, fn_bar), ts=fn_ts_bar.ts.at[j].add(t_bar)
@@ -392,11 +457,12 @@ def _loop_reversible_bwd(
     self,
     solver,
     stepsize_controller,
+    max_steps,
     **kwargs,
 ):
     del self, kwargs
     grad_final_state, _ = grad_final_state__aux_stats
-    y0, z0, args, terms, saveat, (t0, t1, dt0) = diff_inputs
+    y0, z0, args, terms, saveat, (t0, t1, dt0), event = diff_inputs
     with_step_times = _times_perturbed(perturbed)
     record = residuals.record
     num_steps = residuals.num_steps
@@ -406,21 +472,28 @@ def _loop_reversible_bwd(
     subs = jtu.tree_leaves(saveat.subs, is_leaf=_is_subsaveat)
     if grad_final_state is None:
         grad_ys = [None] * len(subs)
+        grad_ts = [None] * len(subs)
         grad_z_final = None
         grad_dense_infos = None
         grad_dense_ts = None
     else:
         grad_ys = [s.ys for s in _save_states(grad_final_state)]
+        grad_ts = [s.ts for s in _save_states(grad_final_state)]
         grad_z_final = grad_final_state.solver_state if saveat.solver_state else None
         grad_dense_infos = grad_final_state.dense_infos if saveat.dense else None
         grad_dense_ts = grad_final_state.dense_ts if saveat.dense else None
     outputs = [
-        _Outputs(sub=sub, grad_ys=_zeros_like_cotangent(g, shapes))
-        for sub, g, shapes in zip(subs, grad_ys, residuals.ys_shapes)
+        _Outputs(
+            sub=sub,
+            grad_ys=_zeros_like_cotangent(g, shapes),
+            grad_ts=_zeros_like_cotangent(g_ts, ts_shape),
+        )
+        for sub, g, g_ts, shapes, ts_shape in zip(
+            subs, grad_ys, grad_ts, residuals.ys_shapes, residuals.ts_shapes
+        )
     ]
     with_ts = [i for i, out in enumerate(outputs) if out.num_ts]
     with_steps = [i for i, out in enumerate(outputs) if out.sub.steps]
-    with_dense = bool(with_ts) or grad_dense_infos is not None
 
     diff = _zeros_like_diff((y0, z0, args, terms))
     y_bar, z_bar, args_bar, terms_bar = diff
@@ -435,23 +508,44 @@ def _loop_reversible_bwd(
     ]
     t0_bar, t1_bar, dt0_bar = zero_time, zero_time, zero_time
 
-    # Outputs at `t1`, unless the last step's save already was.
+    # Outputs at `t1`, unless the last step's save already was. After a terminating
+    # event they are interpolated within the last step instead: see below.
     y_final = residuals.y_final
+    if _finds_event_root(event):
+        event_happened = jnp.any(jnp.stack(jtu.tree_leaves(residuals.event_mask)))
+    else:
+        event_happened = False
+    t1_event_cotangents = {}
+    last_end_bar = zero_time
     for i, out in enumerate(outputs):
         steps = out.sub.steps
         if not out.sub.t1 or steps == 1:
             continue
         saved = True if steps == 0 else num_steps % steps != 0
         index = residuals.save_index[i] - 1
+        cotangent = _where_tree(saved, (out.take(index), out.grad_ts[index]))
+        if _finds_event_root(event):
+            t1_event_cotangents[i] = _where_tree(event_happened, cotangent)
+            cotangent = _where_tree(jnp.invert(event_happened), cotangent)
+        cotangent, time_cotangent = cotangent
         t_bar, y_final_bar, args_bar_i, fn_bar = _pull_back_save(
-            out.sub.fn, t1, y_final, args, _where_tree(saved, out.take(index))
+            out.sub.fn, t1, y_final, args, cotangent
         )
+        # Saved at `min(end of the last step, t1)`, as Diffrax writes it: JAX splits
+        # the cotangent of a tie in half. Without steps, it is `t0`.
+        t_bar = t_bar + time_cotangent
+        half = jnp.where(num_steps > 0, 0.5, 0.0).astype(time_dtype)
+        t1_bar = t1_bar + half * t_bar
+        last_end_bar = last_end_bar + (1 - half) * t_bar
         y_bar = tree_add(y_bar, y_final_bar)
         args_bar = tree_add(args_bar, args_bar_i)
         save_bars[i] = _SaveCotangents(
             fn=tree_add(save_bars[i].fn, fn_bar), ts=save_bars[i].ts
         )
-        t1_bar = t1_bar + t_bar
+
+    with_dense = (
+        bool(with_ts) or grad_dense_infos is not None or bool(t1_event_cotangents)
+    )
 
     def step_start(k):
         if record.starts is not None:
@@ -460,6 +554,71 @@ def _loop_reversible_bwd(
 
     def interpolation(dense_info, step_t0, step_t1):
         return solver.interpolation_cls(t0=step_t0, t1=step_t1, **dense_info)
+
+    def pull_back_event(dense_info, step_times, args, terms, event, save_bars):
+        """The outputs at the event time `t*`, `fn(t*, y(t*), args)` with `y`
+        interpolated in the last step, pulled back to that step's `dense_info` and
+        times, `args`, `terms`, the `fn`s and the event; `t*` itself by the implicit
+        function theorem on `cond_fn(t*, y(t*), ...) = 0`."""
+        fns = {i: outputs[i].sub.fn for i in t1_event_cotangents}
+        t_event = residuals.event_time
+
+        def outputs_at(t, dense_info, step_times, args, fns):
+            # Each output is `(fn(t*, y(t*), args), t*)`: the saved value and time.
+            y = interpolation(dense_info, *step_times).evaluate(t)
+            return {i: (fn(t, y, args), t) for i, fn in fns.items()}
+
+        _, pull_back = eqx.filter_vjp(
+            outputs_at, t_event, dense_info, step_times, args, fns
+        )
+        t_bar, info_bar, times_bar, args_bar, fns_bar = pull_back(t1_event_cotangents)
+
+        def root_function(t, dense_info, step_times, args, terms, event):
+            # As Diffrax's: the triggered event's value, or for a boolean event the
+            # distance to the end of the step.
+            y = interpolation(dense_info, *step_times).evaluate(t)
+            value = jnp.zeros((), jnp.result_type(t))
+            masks = jtu.tree_leaves(residuals.event_mask)
+            cond_fns = jtu.tree_leaves(event.cond_fn, is_leaf=callable)
+            for mask, cond_fn in zip(masks, cond_fns):
+                value_i = cond_fn(
+                    t,
+                    y,
+                    args,
+                    terms=terms,
+                    solver=solver,
+                    t0=t0,
+                    t1=t1,
+                    dt0=dt0,
+                    saveat=saveat,
+                    stepsize_controller=stepsize_controller,
+                    max_steps=max_steps,
+                )
+                if jnp.issubdtype(jnp.result_type(value_i), jnp.bool_):
+                    value_i = step_times[1] - t
+                value = value + jnp.where(mask, value_i, 0).astype(value.dtype)
+            return value
+
+        _, pull_back_root = eqx.filter_vjp(
+            root_function, t_event, dense_info, step_times, args, terms, event
+        )
+        slope = pull_back_root(jnp.ones((), jnp.result_type(t_event)))[0]
+        slope = jnp.where(slope == 0, 1, slope)
+        _, *root_bars = pull_back_root(-t_bar / slope)
+        info_root_bar, times_root_bar, args_root_bar, terms_bar, event_bar = root_bars
+        save_bars = list(save_bars)
+        for i, fn_bar in fns_bar.items():
+            save_bars[i] = _SaveCotangents(
+                fn=tree_add(save_bars[i].fn, fn_bar), ts=save_bars[i].ts
+            )
+        return (
+            tree_add(info_bar, info_root_bar),
+            tree_add(times_bar, times_root_bar),
+            tree_add(args_bar, args_root_bar),
+            terms_bar,
+            event_bar,
+            save_bars,
+        )
 
     def reverse_step(k, y1, z1, y1_bar, z1_bar, dense_info_cotangent):
         step_t0 = step_start(k)
@@ -492,6 +651,27 @@ def _loop_reversible_bwd(
             with_step_times,
         )
 
+    event_bar = _zeros_like_diff(event)
+    with_event_outputs = bool(t1_event_cotangents)
+    if with_event_outputs:
+        (
+            last_info_bar,
+            last_times_bar,
+            args_bar_event,
+            terms_bar_event,
+            event_bar,
+            save_bars,
+        ) = pull_back_event(
+            residuals.event_dense_info,
+            residuals.event_step_times,
+            args,
+            terms,
+            event,
+            save_bars,
+        )
+        args_bar = tree_add(args_bar, args_bar_event)
+        terms_bar = tree_add(terms_bar, terms_bar_event)
+
     def cond(carry):
         k, *_ = carry
         return k >= 0
@@ -510,10 +690,12 @@ def _loop_reversible_bwd(
             out = outputs[i]
             saved = (k + 1) % out.sub.steps == 0
             num_ts_saved = pointers[i] if out.num_ts else 0
-            cotangent = _where_tree(saved, out.take(out.step_index(k, num_ts_saved)))
+            index = out.step_index(k, num_ts_saved)
+            cotangent = _where_tree(saved, out.take(index))
             t_bar, y1_bar_i, args_bar_i, fn_bar = _pull_back_save(
                 out.sub.fn, step_t1, y1, args, cotangent
             )
+            t_bar = t_bar + jnp.where(saved, out.grad_ts[index], 0)
             y1_bar = tree_add(y1_bar, y1_bar_i)
             args_bar = tree_add(args_bar, args_bar_i)
             save_bars[i] = _SaveCotangents(
@@ -534,6 +716,14 @@ def _loop_reversible_bwd(
                     is_leaf=is_none,
                 )
                 inputs_bar = (tree_add(inputs_bar[0], info_bar), *inputs_bar[1:])
+            if with_event_outputs:
+                is_last = k == num_steps - 1
+                info_bar, times_bar, args_bar_saved = inputs_bar
+                inputs_bar = (
+                    tree_add(info_bar, _where_tree(is_last, last_info_bar)),
+                    tree_add(times_bar, _where_tree(is_last, last_times_bar)),
+                    args_bar_saved,
+                )
             new_pointers = list(pointers)
             new_save_bars = list(save_bars)
             for i in with_ts:
@@ -620,7 +810,7 @@ def _loop_reversible_bwd(
         terms_bar,
         pointers,
         tuple(save_bars),
-        (t0_bar, t1_bar, dt0_bar, zero_time),
+        (t0_bar, t1_bar, dt0_bar, last_end_bar),
     )
     _, _, (y_bar, z_bar), args_bar, terms_bar, _, save_bars, times = lax.while_loop(
         cond, body, init
@@ -638,6 +828,7 @@ def _loop_reversible_bwd(
         cotangent = None
         if out.sub.t0:
             cotangent = out.take(0)
+            t0_bar = t0_bar + out.grad_ts[0]
         if out.num_ts:
             start = out.t0_offset
             ts_cotangent = jtu.tree_map(
@@ -647,6 +838,8 @@ def _loop_reversible_bwd(
             cotangent = (
                 ts_cotangent if cotangent is None else tree_add(cotangent, ts_cotangent)
             )
+            ts_time_cotangent = out.grad_ts[start : start + out.num_ts].sum()
+            t0_bar = t0_bar + jnp.where(no_steps, ts_time_cotangent, 0)
         if cotangent is None:
             continue
         t_bar, y0_bar_i, args_bar_i, fn_bar = _pull_back_save(
@@ -667,7 +860,7 @@ def _loop_reversible_bwd(
         (t0, t1, dt0),
         is_leaf=is_none,
     )
-    return y_bar, z_bar, args_bar, terms_bar, saveat_bar, times_bar
+    return y_bar, z_bar, args_bar, terms_bar, saveat_bar, times_bar, event_bar
 
 
 def _saveat_cotangent(saveat, save_bars):
@@ -696,7 +889,9 @@ def _only_outputs_differentiable(final_state, saveat):
     anything else raises."""
 
     def outputs(state):
-        out = [s.ys for s in _save_states(state)]
+        out = []
+        for save_state in _save_states(state):
+            out += [save_state.ts, save_state.ys]
         if saveat.dense:
             out += [state.dense_infos, state.dense_ts]
         if saveat.solver_state:
@@ -768,6 +963,7 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
         _check_supported(
             solver=solver,
             terms=terms,
+            saveat=saveat,
             stepsize_controller=stepsize_controller,
             event=event,
             max_steps=max_steps,
@@ -781,7 +977,19 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
             )
         else:
             controller_fn = lax.stop_gradient
-        # The forward values only: time gradients come from the custom VJP's inputs.
+        # The forward values only: gradients with respect to times and through the
+        # event's initial values come from the custom VJP's inputs.
+        init_state = eqx.tree_at(
+            lambda s: (
+                s.event_values,
+                s.event_dense_info,
+                s.event_tprev,
+                s.event_tnext,
+            ),
+            init_state,
+            replace_fn=lax.stop_gradient,
+            is_leaf=is_none,
+        )
         init_state = eqx.tree_at(
             lambda s: (s.y, s.solver_state, s.controller_state, s.tprev, s.tnext),
             init_state,
@@ -796,14 +1004,27 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
         )
         terms = _closure_convert_vector_fields(terms, t0, y0, args)
         saveat = _closure_convert_saveat_fns(saveat, t0, y0, args)
+        event = _closure_convert_event(
+            event,
+            (t0, y0, args),
+            dict(
+                terms=terms,
+                solver=solver,
+                t0=t0,
+                t1=t1,
+                dt0=dt0,
+                saveat=saveat,
+                stepsize_controller=stepsize_controller,
+                max_steps=max_steps,
+            ),
+        )
         final_state, aux_stats = _loop_reversible(
-            (y0, z0, args, terms, saveat, (t0, t1, dt0)),
+            (y0, z0, args, terms, saveat, (t0, t1, dt0), event),
             self=self,
             solver=solver,
             stepsize_controller=eqxi.nondifferentiable(
                 stepsize_controller, msg=_CONTROLLER_NONDIFFERENTIABLE
             ),
-            event=event,
             max_steps=max_steps,
             init_state=init_state,
             progress_meter=progress_meter,
