@@ -2,6 +2,12 @@ import importlib.metadata
 
 from ._adjoint import ReversibleAdjoint as ReversibleAdjoint
 from ._solver import Reversible as Reversible
+from ._stability import (
+    is_linearly_stable as is_linearly_stable,
+    spectral_radius as spectral_radius,
+    stability_function as stability_function,
+    step_matrix as step_matrix,
+)
 
 
 __version__ = importlib.metadata.version("diffrax_reversible")

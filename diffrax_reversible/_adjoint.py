@@ -185,16 +185,44 @@ def _step_end_time(controller, k, recorded_end, t0, t1, dt0, num_steps):
 class _StepRecord(eqx.Module):
     starts: Array | None
     ends: Array
+    # `(y, z)` at the start of every `checkpoint_every`-th step, with
+    # `ReversibleAdjoint(checkpoint_every=...)`.
+    checkpoints: PyTree[Array] | None
 
 
-def _recording_while_loop(record_starts: bool, records_out: list):
+def _record_checkpoint(checkpoints, every, index, state):
+    slot = index // every
+    due = index % every == 0
+
+    def write(value, buffer):
+        return eqxi.buffer_at_set(buffer, slot, value, pred=due)
+
+    # Values first: inside the loop the buffers are wrappers, not arrays.
+    return jtu.tree_map(write, (state.y, state.solver_state), checkpoints)
+
+
+def _recording_while_loop(
+    record_starts: bool, checkpoint_every: int | None, records_out: list
+):
     """Diffrax's outer loop, additionally writing the interval of every accepted step
-    into buffers of length `max_steps`. Diffrax's `loop` only returns the final state,
-    so the record leaves through `records_out`."""
+    (and any checkpoints) into buffers sized by `max_steps`. Diffrax's `loop` only
+    returns the final state, so the record leaves through `records_out`."""
 
     def while_loop(cond_fun, body_fun, init_val, *, max_steps, buffers):
         empty = jnp.full(max_steps, jnp.inf, dtype=jnp.result_type(init_val.tprev))
-        record = _StepRecord(starts=empty if record_starts else None, ends=empty)
+        if checkpoint_every is None:
+            checkpoints = None
+        else:
+            num_checkpoints = max_steps // checkpoint_every + 1
+            checkpoints = jtu.tree_map(
+                lambda x: jnp.zeros((num_checkpoints,) + x.shape, x.dtype),
+                (init_val.y, init_val.solver_state),
+            )
+        record = _StepRecord(
+            starts=empty if record_starts else None,
+            ends=empty,
+            checkpoints=checkpoints,
+        )
 
         def record_and_step(carry):
             state, record = carry
@@ -205,7 +233,13 @@ def _recording_while_loop(record_starts: bool, records_out: list):
             if starts is not None:
                 starts = starts.at[index].set(state.tprev)
             ends = record.ends.at[index].set(state.tnext)
-            return body_fun(state), _StepRecord(starts=starts, ends=ends)
+            checkpoints = record.checkpoints
+            if checkpoints is not None:
+                checkpoints = _record_checkpoint(
+                    checkpoints, checkpoint_every, index, state
+                )
+            record = _StepRecord(starts=starts, ends=ends, checkpoints=checkpoints)
+            return body_fun(state), record
 
         final_state, record = eqxi.while_loop(
             lambda carry: cond_fun(carry[0]),
@@ -281,7 +315,9 @@ def _event_time(event, subs, save_states, like):
 
 
 @_loop_reversible.def_fwd
-def _loop_reversible_fwd(perturbed, diff_inputs, *, stepsize_controller, **kwargs):
+def _loop_reversible_fwd(
+    perturbed, diff_inputs, *, self, stepsize_controller, **kwargs
+):
     if _times_perturbed(perturbed) and not _step_times_are_differentiable(
         stepsize_controller
     ):
@@ -298,8 +334,11 @@ def _loop_reversible_fwd(perturbed, diff_inputs, *, stepsize_controller, **kwarg
     record_starts = not _steps_are_contiguous(stepsize_controller)
     final_state, aux_stats = _forward_loop(
         diff_inputs,
+        self=self,
         stepsize_controller=stepsize_controller,
-        outer_while_loop=_recording_while_loop(record_starts, records),
+        outer_while_loop=_recording_while_loop(
+            record_starts, self.checkpoint_every, records
+        ),
         **kwargs,
     )
     [record] = records
@@ -460,7 +499,7 @@ def _loop_reversible_bwd(
     max_steps,
     **kwargs,
 ):
-    del self, kwargs
+    del kwargs
     grad_final_state, _ = grad_final_state__aux_stats
     y0, z0, args, terms, saveat, (t0, t1, dt0), event = diff_inputs
     with_step_times = _times_perturbed(perturbed)
@@ -678,7 +717,7 @@ def _loop_reversible_bwd(
 
     def body(carry):
         k, (y1, z1), (y1_bar, z1_bar), args_bar, terms_bar, *rest = carry
-        pointers, save_bars, times = rest
+        pointers, save_bars, times, max_error = rest
         t0_bar, t1_bar, dt0_bar, end_bar = times
         step_t0 = step_start(k)
         step_t1 = record.ends[k]
@@ -787,6 +826,15 @@ def _loop_reversible_bwd(
             # The start of this step is the end of the previous one (or `t0`).
             end_bar = t0_bar_k
         times = (t0_bar, t1_bar, dt0_bar, end_bar)
+        if checkpoints is not None:
+            # Restart the reconstruction from the stored state: drift is bounded by
+            # `checkpoint_every` steps, and measured at every checkpoint.
+            every = self.checkpoint_every
+            due = k % every == 0
+            stored = jtu.tree_map(lambda c: c[k // every], checkpoints)
+            error = _relative_difference((y0, z0), stored)
+            max_error = jnp.where(due, jnp.maximum(max_error, error), max_error)
+            y0, z0 = jtu.tree_map(lambda a, b: jnp.where(due, a, b), stored, (y0, z0))
         return (
             k - 1,
             (y0, z0),
@@ -796,12 +844,14 @@ def _loop_reversible_bwd(
             tuple(pointers),
             tuple(save_bars),
             times,
+            max_error,
         )
 
     pointers = tuple(
         residuals.ts_saved[i] if outputs[i].num_ts else jnp.zeros((), jnp.int32)
         for i in range(len(outputs))
     )
+    checkpoints = record.checkpoints
     init = (
         num_steps - 1,
         (y_final, residuals.z_final),
@@ -811,10 +861,14 @@ def _loop_reversible_bwd(
         pointers,
         tuple(save_bars),
         (t0_bar, t1_bar, dt0_bar, last_end_bar),
+        jnp.zeros((), _error_dtype()),
     )
-    _, _, (y_bar, z_bar), args_bar, terms_bar, _, save_bars, times = lax.while_loop(
+    _, y0__z0, (y_bar, z_bar), args_bar, terms_bar, *rest = lax.while_loop(
         cond, body, init
     )
+    _, save_bars, times, max_error = rest
+    # The start is known exactly: the reconstruction's last word on its own accuracy.
+    max_error = jnp.maximum(max_error, _relative_difference(y0__z0, (y0, z0)))
     t0_bar, t1_bar, dt0_bar, start_bar = times
     t0_bar = t0_bar + start_bar
     save_bars = list(save_bars)
@@ -860,7 +914,44 @@ def _loop_reversible_bwd(
         (t0, t1, dt0),
         is_leaf=is_none,
     )
-    return y_bar, z_bar, args_bar, terms_bar, saveat_bar, times_bar, event_bar
+    grads = (y_bar, z_bar, args_bar, terms_bar, saveat_bar, times_bar, event_bar)
+    return _report_reconstruction_error(self, max_error, grads)
+
+
+def _error_dtype():
+    return jnp.result_type(float)
+
+
+def _relative_difference(x, reference):
+    """Largest elementwise difference of two pytrees, relative to the largest magnitude
+    of `reference`. NaN if `x` has gone non-finite."""
+    x_leaves = jtu.tree_leaves(eqx.filter(x, eqx.is_inexact_array))
+    ref_leaves = jtu.tree_leaves(eqx.filter(reference, eqx.is_inexact_array))
+    if not ref_leaves:
+        return jnp.zeros((), _error_dtype())
+    dtype = _error_dtype()
+    difference = jnp.stack(
+        [jnp.max(jnp.abs(a - b)).astype(dtype) for a, b in zip(x_leaves, ref_leaves)]
+    ).max()
+    scale = jnp.stack([jnp.max(jnp.abs(b)).astype(dtype) for b in ref_leaves]).max()
+    return difference / jnp.maximum(scale, jnp.finfo(dtype).tiny)
+
+
+def _report_reconstruction_error(adjoint, error, grads):
+    if adjoint.reconstruction_callback is not None:
+        jax.debug.callback(adjoint.reconstruction_callback, error)
+    if adjoint.reconstruction_tol is not None:
+        # `<=` rather than `>`: NaN (a reconstruction that blew up) fails too.
+        grads = eqx.error_if(
+            grads,
+            jnp.invert(error <= adjoint.reconstruction_tol),
+            "`ReversibleAdjoint`: the backward pass reconstructed the forward solve "
+            "with a relative error above `reconstruction_tol`, so the gradients are "
+            "not to be trusted. Consider `ReversibleAdjoint(checkpoint_every=...)`, "
+            "float64, a coupling parameter closer to 1, or smaller steps on stiff or "
+            "strongly decaying problems.",
+        )
+    return grads
 
 
 def _saveat_cotangent(saveat, save_bars):
@@ -905,8 +996,9 @@ def _only_outputs_differentiable(final_state, saveat):
 
 class ReversibleAdjoint(diffrax.AbstractAdjoint):
     """Backpropagates through [`diffrax.diffeqsolve`][] by reconstructing the forward
-    solve backwards in time, using an algebraically reversible solver
-    ([`diffrax_reversible.Reversible`][]).
+    solve backwards in time, using an algebraically reversible solver:
+    [`diffrax_reversible.Reversible`][] around any explicit solver, or one of
+    Diffrax's own `ReversibleHeun`, `LeapfrogMidpoint` and `SemiImplicitEuler`.
 
     The forward pass is Diffrax's own loop, which additionally records the times of
     the accepted steps. The backward pass walks the steps in reverse, recovers each
@@ -919,26 +1011,69 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
     one scalar (two across jumps) per step of `max_steps` for the recorded step times.
     Backpropagation costs `O(n)` time in the number of steps `n`.
 
-    Gradients are computed with respect to `y0`, `args` and the `terms` (for example the
-    parameters of an `eqx.nn.MLP` vector field). Differentiating with respect to `t0`,
-    `t1`, `dt0` or `SaveAt(ts=...)` raises an error.
+    Gradients flow to `y0`, `args`, the `terms` (for example the parameters of an
+    `eqx.nn.MLP` vector field), the parameters of `SaveAt(fn=...)` and of an event's
+    `cond_fn`, and the `SaveAt(ts=...)` times; through `sol.ys`, `sol.ts`, the dense
+    output (`sol.evaluate`, `sol.derivative`) and a saved `sol.solver_state`. Every
+    `SaveAt` option works, with every step size controller. Terminating events work,
+    with gradients through the event time (implicit function theorem on the root
+    find, as Diffrax does). `jax.jit`, `jax.vmap` (batch elements may take different
+    numbers of steps), `jax.jacrev` and `jax.hessian` (forward over this reverse pass)
+    work; pytree states, float32 and float64.
 
-    Supported: `SaveAt` with any combination of `t0`, `t1` and `ts` (including several
-    `SubSaveAt`s), every step size controller, `jax.jit` and `jax.vmap` (batch elements
-    may take different numbers of steps), pytree states, float32 and float64. The
-    following raise a `ValueError`: a solver that is not
-    [`diffrax_reversible.Reversible`][], `max_steps=None`, `UnsafeBrownianPath`, events,
-    `SaveAt(steps=...)`, `SaveAt(fn=...)` and `SaveAt(dense=True)`.
+    Gradients with respect to `t0`, `t1` and `dt0` need step times that are known
+    functions of them: `ConstantStepSize` or `StepTo`. With an adaptive controller
+    they raise a `ValueError` (the `SaveAt(ts=...)` gradients still work).
 
-    A vector field that closes over values being differentiated (for example
-    `ODETerm(lambda t, y, args: model(y))`) is supported for `ODETerm` and
-    `ControlTerm`: the closure is converted into a pytree first. Other custom terms
-    should hold such values as fields, or receive them through `args`.
+    Also a `ValueError`: a solver that is not algebraically reversible,
+    `max_steps=None`, `UnsafeBrownianPath`, `ReversibleHeun` with
+    `ClipStepSizeController(jump_ts=...)`, and an event with a `root_finder` together
+    with `SaveAt(steps=...)` or `SaveAt(dense=True)`. Differentiating with respect to
+    the step size controller (e.g. `StepTo(ts=...)`) raises an error too.
+
+    A vector field, `SaveAt(fn=...)` or event `cond_fn` that closes over values being
+    differentiated (for example `ODETerm(lambda t, y, args: model(y))`) is supported
+    for `ODETerm`, `ControlTerm`, `fn` and `cond_fn`: the closure is converted into a
+    pytree first. Other custom terms should hold such values as fields, or receive
+    them through `args`.
 
     !!! info
 
-        Reverse-mode only: use [`diffrax.ForwardMode`][] for `jax.jvp`.
+        Reverse-mode only: `jax.jvp` and `jax.jacfwd` through it raise JAX's
+        `TypeError`. For forward mode, use [`diffrax.ForwardMode`][] with the same
+        solver.
+
+    !!! tip "Trusting the gradients"
+
+        Round-off in the reconstruction grows like `λ^{-N}` over `N` steps, and faster
+        on strongly decaying problems (the coupled scheme's parasitic mode). The
+        backward pass ends at the known initial state, so it measures its own
+        reconstruction error for free: pass `reconstruction_callback` to see it, or
+        `reconstruction_tol` to raise an error (like Diffrax's `throw=True`) when it
+        is too large. `checkpoint_every=k` bounds the drift to `k` steps.
     """
+
+    checkpoint_every: int | None = eqx.field(default=None, static=True)
+    reconstruction_tol: float | None = eqx.field(default=None, static=True)
+    reconstruction_callback: Callable[[Array], Any] | None = eqx.field(
+        default=None, static=True
+    )
+
+    def __check_init__(self):
+        every = self.checkpoint_every
+        if every is not None and (
+            isinstance(every, bool) or not isinstance(every, int) or every < 1
+        ):
+            raise ValueError(
+                "`ReversibleAdjoint(checkpoint_every=...)` must be a positive integer "
+                f"or `None`, got {every!r}."
+            )
+        tol = self.reconstruction_tol
+        if tol is not None and not tol > 0:
+            raise ValueError(
+                "`ReversibleAdjoint(reconstruction_tol=...)` must be positive or "
+                f"`None`, got {tol!r}."
+            )
 
     def loop(
         self,
@@ -1032,4 +1167,18 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
         return _only_outputs_differentiable(final_state, saveat), aux_stats
 
 
-ReversibleAdjoint.__init__.__doc__ = """**Arguments:** None"""
+ReversibleAdjoint.__init__.__doc__ = """**Arguments:**
+
+- `checkpoint_every`: if an integer `k`, the forward pass also stores the state `(y, z)`
+    at the start of every `k`-th accepted step, and the backward pass restarts its
+    reconstruction from those: the reconstruction's drift is bounded by `k` steps, at a
+    memory cost of `max_steps // k + 1` states. `None` (the default) stores none: memory
+    independent of the number of steps.
+- `reconstruction_tol`: if a float, the backward pass raises an error (an
+    `EquinoxRuntimeError`, as Diffrax's `throw=True`) when the relative error of the
+    reconstructed states exceeds it (or is not finite). The error is measured where the
+    true state is known: the initial state, and every checkpoint.
+- `reconstruction_callback`: if a function, it is called (through
+    `jax.debug.callback`) with that relative error, a scalar array, once per backward
+    pass (once per batch element under `jax.vmap`).
+"""

@@ -133,3 +133,13 @@ def test_reversible_heun_with_jumps():
     )
     with pytest.raises(ValueError, match="jump_ts"):
         _solve(solver=diffrax.ReversibleHeun(), stepsize_controller=controller)
+
+
+def test_event_root_with_saved_steps():
+    import optimistix as optx
+
+    event = diffrax.Event(
+        lambda t, y, args, **kwargs: y[0] - 0.5, root_finder=optx.Newton(1e-8, 1e-8)
+    )
+    with pytest.raises(ValueError, match="root_finder"):
+        _solve(event=event, saveat=diffrax.SaveAt(steps=True))

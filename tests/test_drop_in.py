@@ -1,0 +1,528 @@
+"""`ReversibleAdjoint` as a drop-in for `RecursiveCheckpointAdjoint`: every output
+Diffrax can save, time gradients, events, controllers, Diffrax's own reversible
+solvers, other transformations. Each gradient is checked against
+`RecursiveCheckpointAdjoint` on the same solver."""
+
+import functools as ft
+
+import diffrax
+import diffrax_reversible as dr
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import optimistix as optx
+import pytest
+
+
+def _forced_oscillator(t, y, args):
+    stiffness, damping = args
+    return jnp.stack([y[1], -stiffness * y[0] - damping * y[1] + jnp.sin(t)])
+
+
+_Y0 = jnp.array([1.0, 0.5])
+_ARGS = (jnp.array(2.0), jnp.array(0.3))
+_TS = jnp.linspace(0.3, 1.7, 4)
+
+
+def _finite_sum_of_squares(tree):
+    # Unfilled outputs (`SaveAt(steps=...)`, after an event) are `inf`.
+    return sum(
+        jnp.sum(jnp.where(jnp.isfinite(x), x, 0.0) ** 2) for x in jtu.tree_leaves(tree)
+    )
+
+
+def _assert_grads_close(ours, ref, tol=1e-8):
+    """Leaf by leaf: a small gradient (a time, say) is not drowned by a large one."""
+    ours_leaves = jtu.tree_leaves(ours)
+    ref_leaves = jtu.tree_leaves(ref)
+    assert len(ours_leaves) == len(ref_leaves) > 0
+    scale = max(float(jnp.max(jnp.abs(r))) for r in ref_leaves)
+    assert scale > 0
+    for a, b in zip(ours_leaves, ref_leaves):
+        denominator = max(float(jnp.max(jnp.abs(b))), 1e-6 * scale)
+        assert float(jnp.max(jnp.abs(a - b))) / denominator < tol
+
+
+def _check_against_recursive_checkpoint(loss, *inputs, tol=1e-8):
+    """`loss(adjoint, *inputs)`, differentiated with respect to every input."""
+    argnums = tuple(range(len(inputs)))
+    grad = lambda adjoint: jax.grad(lambda *x: loss(adjoint, *x), argnums)(*inputs)
+    ref = grad(diffrax.RecursiveCheckpointAdjoint())
+    ours = grad(dr.ReversibleAdjoint())
+    _assert_grads_close(ours, ref, tol)
+    return ours
+
+
+def _solve(adjoint, *, y0=_Y0, args=_ARGS, t0=0.0, t1=2.0, dt0=0.1, **kwargs):
+    kwargs.setdefault("solver", dr.Reversible(diffrax.Tsit5()))
+    kwargs.setdefault("max_steps", 64)
+    return diffrax.diffeqsolve(
+        diffrax.ODETerm(_forced_oscillator),
+        t0=t0,
+        t1=t1,
+        dt0=dt0,
+        y0=y0,
+        args=args,
+        adjoint=adjoint,
+        **kwargs,
+    )
+
+
+def _outputs_loss(saveat_of_ts, **kwargs):
+    """A loss of every saved value and every saved time."""
+
+    def loss(adjoint, y0, args, t0, t1, ts):
+        sol = _solve(
+            adjoint, y0=y0, args=args, t0=t0, t1=t1, saveat=saveat_of_ts(ts), **kwargs
+        )
+        times = sum(
+            jnp.sum(jnp.where(jnp.isfinite(t), jnp.sin(t), 0.0))
+            for t in jtu.tree_leaves(sol.ts)
+        )
+        return _finite_sum_of_squares(sol.ys) + times
+
+    return loss
+
+
+_ALL_INPUTS = (_Y0, _ARGS, jnp.array(0.0), jnp.array(2.0), _TS)
+_W = jnp.array([[1.0, 2.0], [0.5, -1.0]])
+
+_SAVEATS = {
+    "steps": lambda ts: diffrax.SaveAt(steps=True),
+    "steps-ts-t0-t1": lambda ts: diffrax.SaveAt(t0=True, steps=True, ts=ts, t1=True),
+    "every-3rd-step-ts-t1": lambda ts: diffrax.SaveAt(steps=3, ts=ts, t1=True),
+    "fn": lambda ts: diffrax.SaveAt(
+        t0=True, ts=ts, t1=True, fn=lambda t, y, args: jnp.tanh(_W @ y) * t * args[0]
+    ),
+    "nested-subs": lambda ts: diffrax.SaveAt(
+        subs={
+            "a": diffrax.SubSaveAt(ts=ts),
+            "b": [
+                diffrax.SubSaveAt(steps=2, fn=lambda t, y, args: y[0] * t),
+                diffrax.SubSaveAt(t1=True, fn=lambda t, y, args: {"y": y, "t": t}),
+            ],
+        }
+    ),
+}
+
+
+@pytest.mark.parametrize("name", _SAVEATS)
+def test_saveat_outputs_and_time_gradients(name):
+    # Gradients with respect to y0, args, t0, t1 and the SaveAt times.
+    _check_against_recursive_checkpoint(_outputs_loss(_SAVEATS[name]), *_ALL_INPUTS)
+
+
+@pytest.mark.parametrize("name", ["steps-ts-t0-t1", "fn"])
+def test_saveat_outputs_adaptive(name):
+    # No gradients with respect to t0/t1 with adaptive steps; the `ts` ones work.
+    loss = _outputs_loss(
+        _SAVEATS[name],
+        stepsize_controller=diffrax.PIDController(rtol=1e-5, atol=1e-7),
+    )
+    loss_no_t = lambda adjoint, y0, args, ts: loss(adjoint, y0, args, 0.0, 2.0, ts)
+    _check_against_recursive_checkpoint(loss_no_t, _Y0, _ARGS, _TS)
+
+
+class _Readout(eqx.Module):
+    linear: eqx.nn.Linear
+
+    def __call__(self, t, y, args):
+        return self.linear(y) * t
+
+
+def test_saveat_fn_parameters_get_gradients():
+    # A `fn` with parameters of its own, as a module and through a closure.
+    readout = _Readout(eqx.nn.Linear(2, 3, key=jax.random.PRNGKey(0)))
+    scale = jnp.array(1.5)
+
+    def loss(adjoint, readout, scale):
+        saveat = diffrax.SaveAt(
+            subs=[
+                diffrax.SubSaveAt(ts=_TS, fn=lambda t, y, args: scale * jnp.sin(y)),
+                diffrax.SubSaveAt(steps=True, t1=True, fn=readout),
+            ]
+        )
+        sol = _solve(adjoint, saveat=saveat)
+        return _finite_sum_of_squares(sol.ys)
+
+    grads = _check_against_recursive_checkpoint(loss, readout, scale)
+    assert all(float(jnp.max(jnp.abs(g))) > 0 for g in jtu.tree_leaves(grads))
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_dense_output(adaptive):
+    controller = (
+        diffrax.PIDController(rtol=1e-5, atol=1e-7)
+        if adaptive
+        else diffrax.ConstantStepSize()
+    )
+
+    def loss(adjoint, y0, args, t):
+        sol = _solve(
+            adjoint,
+            y0=y0,
+            args=args,
+            saveat=diffrax.SaveAt(dense=True),
+            stepsize_controller=controller,
+        )
+        values = [sol.evaluate(s) for s in (0.0, 0.33, 1.21, t, 2.0)]
+        return _finite_sum_of_squares(values) + jnp.sum(sol.derivative(0.77) ** 2)
+
+    _check_against_recursive_checkpoint(loss, _Y0, _ARGS, jnp.array(1.6))
+
+
+def test_dense_output_time_gradients():
+    def loss(adjoint, t0, t1):
+        sol = _solve(adjoint, t0=t0, t1=t1, saveat=diffrax.SaveAt(dense=True))
+        return jnp.sum(sol.evaluate(0.9) ** 2) + jnp.sum(sol.evaluate(t1) ** 2)
+
+    _check_against_recursive_checkpoint(loss, jnp.array(0.0), jnp.array(2.0))
+
+
+@pytest.mark.parametrize(
+    "solver", [dr.Reversible(diffrax.Tsit5()), diffrax.ReversibleHeun()]
+)
+def test_saved_solver_state_and_controller_state(solver):
+    def loss(adjoint, y0, args):
+        saveat = diffrax.SaveAt(
+            t1=True, solver_state=True, controller_state=True, made_jump=True
+        )
+        sol = _solve(adjoint, y0=y0, args=args, saveat=saveat, solver=solver)
+        assert sol.made_jump is not None and sol.controller_state is not None
+        return jnp.sum(sol.ys**2) + _finite_sum_of_squares(
+            jtu.tree_map(jnp.sin, sol.solver_state)
+        )
+
+    _check_against_recursive_checkpoint(loss, _Y0, _ARGS)
+
+
+@pytest.mark.parametrize(
+    "dt0",
+    [
+        pytest.param(0.3, id="last-step-shorter"),
+        pytest.param(2.0, id="one-step"),
+        pytest.param(3.0, id="dt0-beyond-t1"),
+    ],
+)
+def test_time_gradients_constant_steps(dt0):
+    def loss(adjoint, t0, t1, dt0, ts):
+        sol = _solve(
+            adjoint, t0=t0, t1=t1, dt0=dt0, saveat=diffrax.SaveAt(ts=ts, t1=True)
+        )
+        return _finite_sum_of_squares(sol.ys) + jnp.sum(jnp.sin(sol.ts))
+
+    _check_against_recursive_checkpoint(
+        loss, jnp.array(0.0), jnp.array(2.0), jnp.array(dt0), _TS
+    )
+
+
+def test_time_gradients_step_to():
+    def loss(adjoint, t0, t1, ts):
+        controller = diffrax.StepTo(ts=jnp.array([0.0, 0.3, 0.9, 1.4, 2.0]))
+        sol = _solve(
+            adjoint,
+            t0=t0,
+            t1=t1,
+            dt0=None,
+            saveat=diffrax.SaveAt(t0=True, ts=ts, t1=True),
+            stepsize_controller=controller,
+        )
+        return _finite_sum_of_squares(sol.ys) + jnp.sum(sol.ts)
+
+    _check_against_recursive_checkpoint(loss, jnp.array(0.0), jnp.array(2.0), _TS)
+
+
+def test_time_gradients_zero_length_interval():
+    def loss(adjoint, y0, t0, t1, ts):
+        saveat = diffrax.SaveAt(t0=True, ts=ts, t1=True)
+        sol = _solve(adjoint, y0=y0, t0=t0, t1=t1, saveat=saveat)
+        return _finite_sum_of_squares(sol.ys) + jnp.sum(sol.ts)
+
+    t = jnp.array(0.5)
+    _check_against_recursive_checkpoint(loss, _Y0, t, t, jnp.array([0.5, 0.5]))
+
+
+def _event_loss(cond_fn, *, root_finder=True, saveat=None, **kwargs):
+    def loss(adjoint, y0, args):
+        event = diffrax.Event(
+            cond_fn, root_finder=optx.Newton(1e-10, 1e-10) if root_finder else None
+        )
+        sol = _solve(
+            adjoint,
+            y0=y0,
+            args=args,
+            t1=5.0,
+            dt0=0.05,
+            max_steps=256,
+            event=event,
+            saveat=saveat or diffrax.SaveAt(t1=True),
+            **kwargs,
+        )
+        return _finite_sum_of_squares(sol.ys) + _finite_sum_of_squares(sol.ts)
+
+    return loss
+
+
+_EVENTS = {
+    "real": dict(cond_fn=lambda t, y, args, **kwargs: y[0] + 0.5),
+    "real-without-root-finder": dict(
+        cond_fn=lambda t, y, args, **kwargs: y[0] + 0.5, root_finder=False
+    ),
+    "boolean": dict(cond_fn=lambda t, y, args, **kwargs: y[0] < -0.5),
+    "real-with-ts": dict(
+        cond_fn=lambda t, y, args, **kwargs: y[0] + 0.5,
+        saveat=diffrax.SaveAt(ts=jnp.linspace(0.0, 4.0, 21), t1=True),
+    ),
+    "real-adaptive": dict(
+        cond_fn=lambda t, y, args, **kwargs: y[0] + 0.5 * args[1],
+        stepsize_controller=diffrax.PIDController(rtol=1e-6, atol=1e-6),
+    ),
+    "several-one-fires": dict(
+        cond_fn=[
+            lambda t, y, args, **kwargs: y[0] + 100.0,
+            lambda t, y, args, **kwargs: y[1] + 0.3,
+        ]
+    ),
+    "never-fires": dict(cond_fn=lambda t, y, args, **kwargs: y[0] + 100.0),
+}
+
+
+@pytest.mark.parametrize("name", _EVENTS)
+def test_event_gradients(name):
+    _check_against_recursive_checkpoint(_event_loss(**_EVENTS[name]), _Y0, _ARGS)
+
+
+def test_event_time_gradient_through_closure_and_fn():
+    # The event time depends on a threshold the cond_fn closes over.
+    def loss(adjoint, y0, threshold):
+        event = diffrax.Event(
+            lambda t, y, args, **kwargs: y[0] - threshold,
+            root_finder=optx.Newton(1e-10, 1e-10),
+        )
+        saveat = diffrax.SaveAt(t1=True, fn=lambda t, y, args: t * y[1])
+        sol = _solve(adjoint, y0=y0, t1=5.0, event=event, saveat=saveat)
+        return jnp.sum(sol.ys) + jnp.sum(sol.ts)
+
+    grads = _check_against_recursive_checkpoint(loss, _Y0, jnp.array(0.3))
+    assert float(jnp.abs(grads[1])) > 0
+
+
+def test_event_under_vmap():
+    # Some batch elements hit the event, others do not; each against its own reference.
+    y0s = jnp.array([[1.0, 0.5], [0.2, 0.0], [3.0, -1.0]])
+    loss = _event_loss(lambda t, y, args, **kwargs: y[0] + 0.8)
+    batched = jax.vmap(jax.grad(lambda y0: loss(dr.ReversibleAdjoint(), y0, _ARGS)))
+    ours = batched(y0s)
+    for y0, ours_i in zip(y0s, ours):
+        ref = jax.grad(lambda y0: loss(diffrax.RecursiveCheckpointAdjoint(), y0, _ARGS))
+        _assert_grads_close(ours_i, ref(y0))
+
+
+@pytest.mark.parametrize(
+    "controller",
+    [
+        pytest.param(
+            diffrax.PIDController(
+                rtol=1e-6, atol=1e-8, dtmin=0.01, dtmax=0.15, factormax=2.0
+            ),
+            id="pid-dtmin-dtmax-factormax",
+        ),
+        pytest.param(
+            diffrax.ClipStepSizeController(
+                diffrax.PIDController(rtol=1e-4, atol=1e-6), step_ts=[0.5, 1.0]
+            ),
+            id="clip-step-ts",
+        ),
+        pytest.param(
+            diffrax.ClipStepSizeController(
+                diffrax.PIDController(rtol=1e-4, atol=1e-6),
+                step_ts=[0.25],
+                jump_ts=[0.5, 1.0],
+            ),
+            id="clip-step-ts-and-jump-ts",
+        ),
+        pytest.param(
+            diffrax.StepTo(ts=jnp.linspace(0.0, 2.0, 9) ** 2 / 2), id="step-to"
+        ),
+    ],
+)
+def test_controllers(controller):
+    def loss(adjoint, y0, args, ts):
+        saveat = diffrax.SaveAt(ts=ts, steps=True, t1=True)
+        dt0 = None if isinstance(controller, diffrax.StepTo) else 0.1
+        sol = _solve(
+            adjoint,
+            y0=y0,
+            args=args,
+            dt0=dt0,
+            saveat=saveat,
+            stepsize_controller=controller,
+        )
+        return _finite_sum_of_squares(sol.ys)
+
+    _check_against_recursive_checkpoint(loss, _Y0, _ARGS, _TS)
+
+
+@pytest.mark.parametrize(
+    "solver,controller",
+    [
+        (diffrax.ReversibleHeun(), diffrax.ConstantStepSize()),
+        (diffrax.ReversibleHeun(), diffrax.PIDController(rtol=1e-3, atol=1e-4)),
+        (diffrax.LeapfrogMidpoint(), diffrax.ConstantStepSize()),
+    ],
+    ids=["reversible-heun", "reversible-heun-adaptive", "leapfrog-midpoint"],
+)
+def test_native_reversible_solvers(solver, controller):
+    loss = _outputs_loss(
+        _SAVEATS["steps-ts-t0-t1"],
+        solver=solver,
+        stepsize_controller=controller,
+        max_steps=256,
+    )
+    if isinstance(controller, diffrax.ConstantStepSize):
+        _check_against_recursive_checkpoint(loss, *_ALL_INPUTS)
+    else:
+        loss_no_t = lambda adjoint, y0, args, ts: loss(adjoint, y0, args, 0.0, 2.0, ts)
+        _check_against_recursive_checkpoint(loss_no_t, _Y0, _ARGS, _TS)
+
+
+def test_semi_implicit_euler():
+    def loss(adjoint, q0, p0, args, t1):
+        terms = (
+            diffrax.ODETerm(lambda t, p, args: args[1] * p),
+            diffrax.ODETerm(lambda t, q, args: -args[0] * jnp.sin(q) + jnp.cos(t)),
+        )
+        sol = diffrax.diffeqsolve(
+            terms,
+            diffrax.SemiImplicitEuler(),
+            0.0,
+            t1,
+            0.05,
+            (q0, p0),
+            args,
+            saveat=diffrax.SaveAt(ts=_TS, steps=True, t1=True),
+            adjoint=adjoint,
+            max_steps=64,
+        )
+        return _finite_sum_of_squares(sol.ys)
+
+    _check_against_recursive_checkpoint(
+        loss, jnp.array(1.0), jnp.array(0.5), _ARGS, jnp.array(2.0)
+    )
+
+
+def test_reversible_heun_sde():
+    def loss(adjoint, y0, args):
+        brownian = diffrax.VirtualBrownianTree(
+            0.0, 2.0, tol=1e-3, shape=(2,), key=jax.random.PRNGKey(0)
+        )
+        terms = diffrax.MultiTerm(
+            diffrax.ODETerm(_forced_oscillator),
+            diffrax.ControlTerm(
+                lambda t, y, args: 0.3 * args[1] * jnp.diag(jnp.tanh(y)), brownian
+            ),
+        )
+        sol = diffrax.diffeqsolve(
+            terms,
+            diffrax.ReversibleHeun(),
+            0.0,
+            2.0,
+            0.05,
+            y0,
+            args,
+            saveat=diffrax.SaveAt(ts=_TS, t1=True),
+            adjoint=adjoint,
+        )
+        return jnp.sum(sol.ys**2)
+
+    _check_against_recursive_checkpoint(loss, _Y0, _ARGS)
+
+
+def _saved_values(adjoint, args, solver=None):
+    sol = _solve(
+        adjoint,
+        args=args,
+        saveat=diffrax.SaveAt(ts=_TS),
+        solver=solver or dr.Reversible(diffrax.Tsit5()),
+    )
+    return sol.ys
+
+
+def test_jacrev():
+    ref = jax.jacrev(ft.partial(_saved_values, diffrax.RecursiveCheckpointAdjoint()))
+    ours = jax.jacrev(ft.partial(_saved_values, dr.ReversibleAdjoint()))
+    _assert_grads_close(ours(_ARGS), ref(_ARGS))
+
+
+def test_jacfwd_and_hessian_with_forward_mode():
+    # Forward mode goes through `diffrax.ForwardMode` (or `DirectAdjoint`), with the
+    # `Reversible` solver; `ReversibleAdjoint` is reverse mode only.
+    solver = dr.Reversible(diffrax.Tsit5())
+    forward = lambda args: _saved_values(diffrax.ForwardMode(), args, solver)
+    reverse = lambda args: _saved_values(dr.ReversibleAdjoint(), args, solver)
+    _assert_grads_close(jax.jacfwd(forward)(_ARGS), jax.jacrev(reverse)(_ARGS))
+
+    scalar = lambda adjoint: lambda args: jnp.sum(_saved_values(adjoint, args, solver))
+    hessian_ref = jax.hessian(scalar(diffrax.DirectAdjoint()))(_ARGS)
+    hessian = jax.jacfwd(jax.jacfwd(scalar(diffrax.ForwardMode())))(_ARGS)
+    _assert_grads_close(hessian, hessian_ref)
+
+
+def test_hessian_forward_over_reverse():
+    # `jax.hessian` is forward-mode over the custom VJP's forward and backward passes.
+    def loss(adjoint):
+        def scalar(y0, args):
+            sol = _solve(adjoint, y0=y0, args=args, saveat=diffrax.SaveAt(ts=_TS))
+            return jnp.sum(sol.ys**2)
+
+        return scalar
+
+    argnums = (0, 1)
+    ref = jax.hessian(loss(diffrax.DirectAdjoint()), argnums)(_Y0, _ARGS)
+    ours = jax.hessian(loss(dr.ReversibleAdjoint()), argnums)(_Y0, _ARGS)
+    _assert_grads_close(ours, ref)
+
+
+def test_forward_mode_through_reversible_adjoint_raises():
+    scalar = lambda args: jnp.sum(_saved_values(dr.ReversibleAdjoint(), args))
+    with pytest.raises(TypeError, match="forward-mode autodiff"):
+        jax.jacfwd(scalar)(_ARGS)
+
+
+def test_progress_meter(capfd):
+    pytest.importorskip("tqdm")
+
+    def loss(adjoint, y0, args):
+        sol = _solve(
+            adjoint,
+            y0=y0,
+            args=args,
+            saveat=diffrax.SaveAt(ts=_TS),
+            progress_meter=diffrax.TqdmProgressMeter(refresh_steps=2),
+        )
+        return jnp.sum(sol.ys**2)
+
+    _check_against_recursive_checkpoint(loss, _Y0, _ARGS)
+    assert "100.00%" in capfd.readouterr().err
+
+
+def test_vmap_steps_and_fn_with_different_step_counts():
+    saveat = diffrax.SaveAt(
+        steps=True, ts=_TS, t1=True, fn=lambda t, y, args: jnp.sin(y) * t
+    )
+
+    def loss(adjoint, y0):
+        sol = _solve(
+            adjoint,
+            y0=y0,
+            saveat=saveat,
+            stepsize_controller=diffrax.PIDController(rtol=1e-5, atol=1e-7),
+        )
+        return _finite_sum_of_squares(sol.ys)
+
+    y0s = jnp.array([[1.0, 0.5], [0.1, 0.0], [3.0, -2.0]])
+    ours = jax.vmap(jax.grad(ft.partial(loss, dr.ReversibleAdjoint())))(y0s)
+    for y0, ours_i in zip(y0s, ours):
+        ref = jax.grad(ft.partial(loss, diffrax.RecursiveCheckpointAdjoint()))(y0)
+        _assert_grads_close(ours_i, ref)
