@@ -73,12 +73,6 @@ def test_max_steps_none():
         _solve(max_steps=None)
 
 
-def test_events_unsupported():
-    event = diffrax.Event(lambda t, y, args, **kwargs: y[0] < 0.5)
-    with pytest.raises(ValueError, match="event="):
-        _solve(event=event)
-
-
 def test_unsafe_brownian_path():
     brownian = diffrax.UnsafeBrownianPath(shape=(1,), key=jr.PRNGKey(0))
     terms = diffrax.MultiTerm(
