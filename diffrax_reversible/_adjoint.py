@@ -121,6 +121,22 @@ def _closure_convert_saveat_fns(saveat, t0, y0, args):
     return jtu.tree_map(convert, saveat, is_leaf=_is_subsaveat)
 
 
+def _cond_fn_kwargs(
+    terms, solver, t0, t1, dt0, saveat, stepsize_controller, max_steps
+) -> dict[str, Any]:
+    # What Diffrax passes to an event's `cond_fn` besides `t`, `y`, `args`.
+    return dict(
+        terms=terms,
+        solver=solver,
+        t0=t0,
+        t1=t1,
+        dt0=dt0,
+        saveat=saveat,
+        stepsize_controller=stepsize_controller,
+        max_steps=max_steps,
+    )
+
+
 class _PositionalCondFn(eqx.Module):
     # Diffrax passes `t`, `y`, `args` by keyword in its root find; a closure-converted
     # function takes them by position.
@@ -624,14 +640,16 @@ def _loop_reversible_bwd(
                     t,
                     y,
                     args,
-                    terms=terms,
-                    solver=solver,
-                    t0=t0,
-                    t1=t1,
-                    dt0=dt0,
-                    saveat=saveat,
-                    stepsize_controller=stepsize_controller,
-                    max_steps=max_steps,
+                    **_cond_fn_kwargs(
+                        terms,
+                        solver,
+                        t0,
+                        t1,
+                        dt0,
+                        saveat,
+                        stepsize_controller,
+                        max_steps,
+                    ),
                 )
                 if jnp.issubdtype(jnp.result_type(value_i), jnp.bool_):
                     value_i = step_times[1] - t
@@ -1142,15 +1160,8 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
         event = _closure_convert_event(
             event,
             (t0, y0, args),
-            dict(
-                terms=terms,
-                solver=solver,
-                t0=t0,
-                t1=t1,
-                dt0=dt0,
-                saveat=saveat,
-                stepsize_controller=stepsize_controller,
-                max_steps=max_steps,
+            _cond_fn_kwargs(
+                terms, solver, t0, t1, dt0, saveat, stepsize_controller, max_steps
             ),
         )
         final_state, aux_stats = _loop_reversible(
