@@ -187,7 +187,12 @@ def _step_end_time(controller, k, recorded_end, t0, t1, dt0, num_steps):
     if type(controller) is diffrax.ConstantStepSize:
         dtype = jnp.result_type(t0)
         fraction = (k + 1).astype(dtype) / num_steps.astype(dtype)
-        later = t0 + (t1 - t0) * fraction
+        # Diffrax marks an infinite `t1` with `num_steps == -1`, and adds `dt0`.
+        later = jnp.where(
+            num_steps >= 0,
+            t0 + (t1 - t0) * fraction,
+            t0 + (k + 1).astype(dtype) * dt0,
+        )
         first = t0 + dt0
     else:
         later = lax.stop_gradient(recorded_end)
@@ -419,6 +424,12 @@ class _SaveCotangents(eqx.Module):
     ts: Array | None
 
 
+def _tie_share(tie, cotangent):
+    """The share of `cotangent` that `jnp.minimum(a, b)` passes to `b`: JAX splits a
+    tie in half."""
+    return jnp.where(tie, 0.5 * cotangent, jnp.zeros_like(cotangent))
+
+
 def _zero_if_none(grad, index):
     return 0 if grad is None else grad[index]
 
@@ -586,12 +597,12 @@ def _loop_reversible_bwd(
         t_bar, y_final_bar, args_bar_i, fn_bar = _pull_back_save(
             out.sub.fn, t1, y_final, args, cotangent
         )
-        # Saved at `min(end of the last step, t1)`, as Diffrax writes it: JAX splits
-        # the cotangent of a tie in half. Without steps, it is `t0`.
+        # Saved at `min(end of the last step, t1)` (without steps: at `t0`).
         t_bar = t_bar + time_cotangent
-        half = jnp.where(num_steps > 0, 0.5, 0.0).astype(time_dtype)
-        t1_bar = t1_bar + half * t_bar
-        last_end_bar = last_end_bar + (1 - half) * t_bar
+        last_end = record.ends[jnp.maximum(num_steps - 1, 0)]
+        to_t1 = _tie_share((num_steps > 0) & (last_end == t1), t_bar)
+        t1_bar = t1_bar + to_t1
+        last_end_bar = last_end_bar + t_bar - to_t1
         y_bar = tree_add(y_bar, y_final_bar)
         args_bar = tree_add(args_bar, args_bar_i)
         save_bars[i] = _SaveCotangents(
@@ -628,9 +639,10 @@ def _loop_reversible_bwd(
         )
         t_bar, info_bar, times_bar, args_bar, fns_bar = pull_back(t1_event_cotangents)
 
-        def root_function(t, dense_info, step_times, args, terms, event):
+        def root_function(t, dense_info, step_times, args, terms, event, times):
             # As Diffrax's: the triggered event's value, or for a boolean event the
             # distance to the end of the step.
+            t0, t1, dt0 = times
             y = interpolation(dense_info, *step_times).evaluate(t)
             value = jnp.zeros((), jnp.result_type(t))
             masks = jtu.tree_leaves(residuals.event_mask)
@@ -657,12 +669,21 @@ def _loop_reversible_bwd(
             return value
 
         _, pull_back_root = eqx.filter_vjp(
-            root_function, t_event, dense_info, step_times, args, terms, event
+            root_function,
+            t_event,
+            dense_info,
+            step_times,
+            args,
+            terms,
+            event,
+            (t0, t1, dt0),
         )
         slope = pull_back_root(jnp.ones((), jnp.result_type(t_event)))[0]
         slope = jnp.where(slope == 0, 1, slope)
         _, *root_bars = pull_back_root(-t_bar / slope)
-        info_root_bar, times_root_bar, args_root_bar, terms_bar, event_bar = root_bars
+        info_root_bar, times_root_bar, args_root_bar, terms_bar, event_bar, kw_bar = (
+            root_bars
+        )
         save_bars = list(save_bars)
         for i, fn_bar in fns_bar.items():
             save_bars[i] = _SaveCotangents(
@@ -674,6 +695,7 @@ def _loop_reversible_bwd(
             tree_add(args_bar, args_root_bar),
             terms_bar,
             event_bar,
+            kw_bar,
             save_bars,
         )
 
@@ -717,6 +739,7 @@ def _loop_reversible_bwd(
             args_bar_event,
             terms_bar_event,
             event_bar,
+            (t0_bar_event, t1_bar_event, dt0_bar_event),
             save_bars,
         ) = pull_back_event(
             residuals.event_dense_info,
@@ -728,6 +751,11 @@ def _loop_reversible_bwd(
         )
         args_bar = tree_add(args_bar, args_bar_event)
         terms_bar = tree_add(terms_bar, terms_bar_event)
+        # Through the `t0`, `t1`, `dt0` that Diffrax passes to `cond_fn`.
+        t0_bar = t0_bar + t0_bar_event
+        t1_bar = t1_bar + t1_bar_event
+        if dt0 is not None:
+            dt0_bar = dt0_bar + dt0_bar_event
 
     def cond(carry):
         k, *_ = carry
@@ -743,6 +771,7 @@ def _loop_reversible_bwd(
         save_bars = list(save_bars)
 
         # Outputs saved at the end of this step by `SaveAt(steps=...)`.
+        saved_time_bar = zero_time
         for i in with_steps:
             out = outputs[i]
             saved = (k + 1) % out.sub.steps == 0
@@ -758,8 +787,7 @@ def _loop_reversible_bwd(
             save_bars[i] = _SaveCotangents(
                 fn=tree_add(save_bars[i].fn, fn_bar), ts=save_bars[i].ts
             )
-            if with_step_times:
-                end_bar = end_bar + t_bar
+            saved_time_bar = saved_time_bar + t_bar
 
         def dense_info_cotangent(dense_info):
             # Outputs interpolated within this step: `SaveAt(ts=...)` and dense output.
@@ -821,7 +849,11 @@ def _loop_reversible_bwd(
         if with_step_times:
             end_bar = end_bar + t1_bar_k
             if grad_dense_ts is not None:
-                end_bar = end_bar + _zero_if_none(grad_dense_ts, k + 1)
+                saved_time_bar = saved_time_bar + grad_dense_ts[k + 1]
+            # Step saves and dense output record `min(end of step, t1)`.
+            to_t1 = _tie_share(step_t1 == t1, saved_time_bar)
+            t1_bar = t1_bar + to_t1
+            end_bar = end_bar + saved_time_bar - to_t1
             _, pull_back_end = jax.vjp(
                 lambda t0, t1, dt0: _step_end_time(
                     stepsize_controller,

@@ -18,3 +18,11 @@ def getkey():
         return subkey
 
     return _getkey
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_jax_caches():
+    # Each test module compiles many programs; dropping them between modules keeps
+    # one long pytest process (CI runs the whole suite in one) from accumulating them.
+    yield
+    jax.clear_caches()
