@@ -700,27 +700,17 @@ def _loop_reversible_bwd(
         )
 
     def reverse_step(k, y1, z1, y1_bar, z1_bar, dense_info_cotangent):
-        step_t0 = step_start(k)
-        step_t1 = record.ends[k]
         if type(solver) is Reversible:
-            return solver.reverse_step(
-                terms,
-                step_t0,
-                step_t1,
-                y1,
-                z1,
-                args,
-                y1_bar,
-                z1_bar,
-                dense_info_cotangent,
-                with_step_times,
+            undo_step = solver.reverse_step
+        else:
+            previous_start = step_start(jnp.maximum(k - 1, 0))
+            undo_step = ft.partial(
+                native_reverse_step, solver, previous_start=previous_start
             )
-        return native_reverse_step(
-            solver,
+        return undo_step(
             terms,
-            step_t0,
-            step_t1,
-            step_start(jnp.maximum(k - 1, 0)),
+            step_start(k),
+            record.ends[k],
             y1,
             z1,
             args,

@@ -60,7 +60,6 @@ def native_reverse_step(
     terms: PyTree[diffrax.AbstractTerm],
     t0: RealScalarLike,
     t1: RealScalarLike,
-    tm1: RealScalarLike,
     y1: Y,
     state1: PyTree,
     args: Args,
@@ -68,15 +67,18 @@ def native_reverse_step(
     state1_bar: PyTree,
     dense_info_cotangent: Callable[[DenseInfo], tuple[DenseInfo, Any]] | None,
     time_cotangents: bool = False,
+    *,
+    previous_start: RealScalarLike,
 ):
     """As [`diffrax_reversible.Reversible.reverse_step`][], for one of
     `NATIVE_REVERSIBLE_SOLVERS`: undo the step in closed form, then take the
     vector-Jacobian product of the solver's own `step` at the recovered start.
 
-    `tm1` is the start of the previous step (the start of this one for the first step);
-    only `LeapfrogMidpoint` uses it.
+    `previous_start` is where the previous step started (where this one starts, for
+    the first step); only `LeapfrogMidpoint` uses it.
     """
-    y0, state0 = _INVERSES[type(solver)](terms, t0, t1, tm1, y1, state1, args)
+    invert = _INVERSES[type(solver)]
+    y0, state0 = invert(terms, t0, t1, previous_start, y1, state1, args)
     dense = dense_info_cotangent is not None
 
     times = (t0, t1) if time_cotangents else None
