@@ -430,10 +430,6 @@ def _tie_share(tie, cotangent):
     return jnp.where(tie, 0.5 * cotangent, jnp.zeros_like(cotangent))
 
 
-def _zero_if_none(grad, index):
-    return 0 if grad is None else grad[index]
-
-
 def _where_tree(pred, tree):
     return jtu.tree_map(lambda x: jnp.where(pred, x, jnp.zeros_like(x)), tree)
 
@@ -913,7 +909,7 @@ def _loop_reversible_bwd(
     t0_bar = t0_bar + start_bar
     save_bars = list(save_bars)
     if grad_dense_ts is not None:
-        t0_bar = t0_bar + _zero_if_none(grad_dense_ts, 0)
+        t0_bar = t0_bar + grad_dense_ts[0]
 
     # Outputs at `t0`; and when `t0 == t1` Diffrax makes no step and saves the output
     # at `t0` in place of every `SaveAt(ts=...)` output.
