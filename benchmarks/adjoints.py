@@ -151,7 +151,14 @@ def _to_float64(tree):
 
 
 def measure(
-    config, make_problem, *, repeats, run=True, reference=True, base=diffrax.Tsit5
+    config,
+    make_problem,
+    *,
+    repeats,
+    run=True,
+    reference=True,
+    time_forward=True,
+    base=diffrax.Tsit5,
 ):
     reversible, adjoint_cls = CONFIGS[config]
     solver, adjoint = _solver(reversible, base), adjoint_cls()
@@ -166,11 +173,13 @@ def measure(
     }
     if not run:
         return row
-    forward = eqx.filter_jit(loss)
-    jax.block_until_ready(forward(model, data, solver, adjoint))
-    row["forward_s"] = _median_time(
-        forward, model, data, solver, adjoint, repeats=repeats
-    )
+    if time_forward:
+        forward = eqx.filter_jit(loss)
+        jax.block_until_ready(forward(model, data, solver, adjoint))
+        row["forward_s"] = _median_time(
+            forward, model, data, solver, adjoint, repeats=repeats
+        )
+    jax.block_until_ready(compiled(model, data, solver, adjoint))  # warm up
     row["grad_s"] = _median_time(
         compiled, model, data, solver, adjoint, repeats=repeats
     )
