@@ -9,3 +9,4 @@ should the fields of Diffrax's loop `State` that `_adjoint.py` reads (`save_stat
 
 from diffrax._heuristics import is_sde as is_sde, is_unsafe_sde as is_unsafe_sde
 from diffrax._integrate import SaveState as SaveState
+from diffrax._misc import linear_rescale as linear_rescale

@@ -10,7 +10,7 @@ from equinox.internal import ω
 from jaxtyping import ArrayLike, PyTree
 
 from ._custom_types import Args, BoolScalarLike, DenseInfo, RealScalarLike, VF, Y
-from ._diffrax_internals import is_sde
+from ._diffrax_internals import is_sde, linear_rescale
 from ._misc import is_none, tree_add
 
 
@@ -112,13 +112,6 @@ def _check_sde_base(solver: diffrax.AbstractSolver, terms) -> None:
         )
 
 
-def _fraction_of_step(t0: RealScalarLike, t: RealScalarLike, t1: RealScalarLike):
-    # `(t - t0) / (t1 - t0)`, and 0 with zero gradients for an empty step: under `vmap`
-    # finished elements take empty steps, whose masked NaN would reach the gradient.
-    empty = t0 == t1
-    return jnp.where(empty, 0, t - t0) / jnp.where(empty, 1, t1 - t0)
-
-
 class _ReversibleInterpolation(diffrax.AbstractLocalInterpolation):
     # Within a step, `y - z` moves linearly from `y0 - z0` to `y1 - Φ_h(t0, z0)`, on top
     # of the base solver's own interpolation of `z0 -> Φ_h(t0, z0)`. This matches both
@@ -136,7 +129,9 @@ class _ReversibleInterpolation(diffrax.AbstractLocalInterpolation):
             y0 = self.evaluate(t0, left=left)
             y1 = self.evaluate(t1, left=left)
             return (y1**ω - y0**ω).ω
-        theta = _fraction_of_step(self.t0, t0, self.t1)
+        # Diffrax's rescaling: 0, with zero gradients, on the empty steps that finished
+        # elements of a `vmap` take (a masked NaN would still reach the gradient).
+        theta = linear_rescale(self.t0, t0, self.t1)
         base = self.base.evaluate(t0, left=left)
         offset = (self.y0_offset**ω + theta * (self.y1_offset**ω - self.y0_offset**ω)).ω
         return (base**ω + offset**ω).ω
