@@ -1,7 +1,7 @@
 import functools as ft
 import types
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import diffrax
 import equinox as eqx
@@ -12,10 +12,19 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
 
+from ._checkpoints import (
+    check_overflow,
+    CheckpointEvery,
+    Checkpoints,
+    first_pointer,
+    init_checkpoints,
+    record_checkpoint,
+    stored_state_at,
+)
 from ._diffrax_internals import is_unsafe_sde, SaveState
 from ._misc import is_none, tree_add
 from ._native import native_reverse_step, NATIVE_REVERSIBLE_SOLVERS
-from ._solver import Reversible
+from ._solver import Reversible, UNSTABLE_COUPLING_MESSAGE
 
 
 _CONTROLLER_NONDIFFERENTIABLE = (
@@ -41,7 +50,7 @@ def _save_states(state) -> list[SaveState]:
 
 
 def _check_supported(
-    *, solver, terms, saveat, stepsize_controller, event, max_steps
+    *, solver, terms, saveat, stepsize_controller, event, max_steps, checkpoint_every
 ) -> None:
     if type(solver) is not Reversible and type(solver) not in NATIVE_REVERSIBLE_SOLVERS:
         name = type(solver).__name__
@@ -59,6 +68,13 @@ def _check_supported(
             "not support `ClipStepSizeController(jump_ts=...)`: after a jump it "
             "re-evaluates its vector field from the state, which cannot be undone. "
             "Consider `solver=Reversible(diffrax.Heun())`."
+        )
+    if checkpoint_every == "auto" and type(solver) is not Reversible:
+        raise ValueError(
+            '`ReversibleAdjoint(checkpoint_every="auto")` places its checkpoints from '
+            "the coupling of `Reversible(...)`, but got "
+            f"`solver={type(solver).__name__}(...)`. Pass an integer "
+            "`checkpoint_every` instead."
         )
     if is_unsafe_sde(terms):
         raise ValueError(
@@ -206,24 +222,22 @@ def _step_end_time(controller, k, recorded_end, t0, t1, dt0, num_steps):
 class _StepRecord(eqx.Module):
     starts: Array | None
     ends: Array
-    # `(y, z)` at the start of every `checkpoint_every`-th step, with
-    # `ReversibleAdjoint(checkpoint_every=...)`.
-    checkpoints: PyTree[Array] | None
+    # With `ReversibleAdjoint(checkpoint_every=...)`.
+    checkpoints: Checkpoints | None
 
 
-def _record_checkpoint(checkpoints, every, index, state):
-    slot = index // every
-    due = index % every == 0
-
-    def write(value, buffer):
-        return eqxi.buffer_at_set(buffer, slot, value, pred=due)
-
-    # Values first: inside the loop the buffers are wrappers, not arrays.
-    return jtu.tree_map(write, (state.y, state.solver_state), checkpoints)
+def _record_buffers(record: _StepRecord):
+    # The arrays written at one index per step (in place, inside the loop).
+    checkpoints = record.checkpoints
+    states = None if checkpoints is None else checkpoints.states
+    return record.starts, record.ends, states
 
 
 def _recording_while_loop(
-    record_starts: bool, checkpoint_every: int | None, records_out: list
+    record_starts: bool,
+    checkpoint_every: CheckpointEvery,
+    max_checkpoints: int,
+    records_out: list,
 ):
     """Diffrax's outer loop, additionally writing the interval of every accepted step
     (and any checkpoints) into buffers sized by `max_steps`. Diffrax's `loop` only
@@ -231,14 +245,9 @@ def _recording_while_loop(
 
     def while_loop(cond_fun, body_fun, init_val, *, max_steps, buffers):
         empty = jnp.full(max_steps, jnp.inf, dtype=jnp.result_type(init_val.tprev))
-        if checkpoint_every is None:
-            checkpoints = None
-        else:
-            num_checkpoints = max_steps // checkpoint_every + 1
-            checkpoints = jtu.tree_map(
-                lambda x: jnp.zeros((num_checkpoints,) + x.shape, x.dtype),
-                (init_val.y, init_val.solver_state),
-            )
+        checkpoints = init_checkpoints(
+            checkpoint_every, max_checkpoints, max_steps, init_val
+        )
         record = _StepRecord(
             starts=empty if record_starts else None,
             ends=empty,
@@ -256,9 +265,7 @@ def _recording_while_loop(
             ends = record.ends.at[index].set(state.tnext)
             checkpoints = record.checkpoints
             if checkpoints is not None:
-                checkpoints = _record_checkpoint(
-                    checkpoints, checkpoint_every, index, state
-                )
+                checkpoints = record_checkpoint(checkpoints, checkpoint_every, state)
             record = _StepRecord(starts=starts, ends=ends, checkpoints=checkpoints)
             return body_fun(state), record
 
@@ -267,7 +274,7 @@ def _recording_while_loop(
             record_and_step,
             (init_val, record),
             max_steps=max_steps,
-            buffers=lambda carry: (buffers(carry[0]), carry[1]),
+            buffers=lambda carry: (buffers(carry[0]), _record_buffers(carry[1])),
             kind="lax",
         )
         records_out.append(record)
@@ -358,11 +365,12 @@ def _loop_reversible_fwd(
         self=self,
         stepsize_controller=stepsize_controller,
         outer_while_loop=_recording_while_loop(
-            record_starts, self.checkpoint_every, records
+            record_starts, self.checkpoint_every, self.max_checkpoints, records
         ),
         **kwargs,
     )
     [record] = records
+    final_state = check_overflow(record.checkpoints, final_state)
     save_states = _save_states(final_state)
     if type(stepsize_controller) is diffrax.ConstantStepSize:
         _, controller_num_steps, _, _ = final_state.controller_state
@@ -749,7 +757,7 @@ def _loop_reversible_bwd(
 
     def body(carry):
         k, (y1, z1), (y1_bar, z1_bar), args_bar, terms_bar, *rest = carry
-        pointers, save_bars, times, max_error = rest
+        pointers, save_bars, times, max_error, checkpoint_pointer = rest
         t0_bar, t1_bar, dt0_bar, end_bar = times
         step_t0 = step_start(k)
         step_t1 = record.ends[k]
@@ -864,11 +872,15 @@ def _loop_reversible_bwd(
         times = (t0_bar, t1_bar, dt0_bar, end_bar)
         if checkpoints is not None:
             # Restart the reconstruction from the stored state: drift is bounded by
-            # `checkpoint_every` steps, and measured at every checkpoint.
-            every = self.checkpoint_every
-            due = k % every == 0
-            stored = jtu.tree_map(lambda c: c[k // every], checkpoints)
-            error = _relative_difference((y0, z0), stored)
+            # the steps between checkpoints, and measured at every checkpoint.
+            due, stored, checkpoint_pointer = stored_state_at(
+                checkpoints, self.checkpoint_every, k, checkpoint_pointer
+            )
+            error = _relative_difference(
+                _reconstructed(solver, y0, z0),
+                _reconstructed(solver, *stored),
+                also_scale=y_final,
+            )
             max_error = jnp.where(due, jnp.maximum(max_error, error), max_error)
             y0, z0 = jtu.tree_map(lambda a, b: jnp.where(due, a, b), stored, (y0, z0))
         return (
@@ -881,6 +893,7 @@ def _loop_reversible_bwd(
             tuple(save_bars),
             times,
             max_error,
+            checkpoint_pointer,
         )
 
     pointers = tuple(
@@ -898,13 +911,21 @@ def _loop_reversible_bwd(
         tuple(save_bars),
         (t0_bar, t1_bar, dt0_bar, last_end_bar),
         jnp.zeros((), _error_dtype()),
+        first_pointer(checkpoints),
     )
     _, y0__z0, (y_bar, z_bar), args_bar, terms_bar, *rest = lax.while_loop(
         cond, body, init
     )
-    _, save_bars, times, max_error = rest
+    _, save_bars, times, max_error, _ = rest
     # The start is known exactly: the reconstruction's last word on its own accuracy.
-    max_error = jnp.maximum(max_error, _relative_difference(y0__z0, (y0, z0)))
+    max_error = jnp.maximum(
+        max_error,
+        _relative_difference(
+            _reconstructed(solver, *y0__z0),
+            _reconstructed(solver, y0, z0),
+            also_scale=y_final,
+        ),
+    )
     t0_bar, t1_bar, dt0_bar, start_bar = times
     t0_bar = t0_bar + start_bar
     save_bars = list(save_bars)
@@ -951,16 +972,36 @@ def _loop_reversible_bwd(
         is_leaf=is_none,
     )
     grads = (y_bar, z_bar, args_bar, terms_bar, saveat_bar, times_bar, event_bar)
-    return _report_reconstruction_error(self, max_error, grads)
+    return _report_reconstruction_error(
+        self, max_error, grads, y0, (y_final, residuals.z_final)
+    )
 
 
 def _error_dtype():
     return jnp.result_type(float)
 
 
-def _relative_difference(x, reference):
+def _reconstructed(solver, y, solver_state):
+    """The part of the state that the backward pass reconstructs: `(y, z)` for
+    `Reversible`, whose solver state also carries diagnostics."""
+    if type(solver) is Reversible:
+        return y, solver_state.z
+    return y, solver_state
+
+
+def _max_magnitude(tree):
+    dtype = _error_dtype()
+    leaves = jtu.tree_leaves(eqx.filter(tree, eqx.is_inexact_array))
+    return jnp.stack(
+        [jnp.zeros((), dtype)] + [jnp.max(jnp.abs(b)).astype(dtype) for b in leaves]
+    ).max()
+
+
+def _relative_difference(x, reference, also_scale=None):
     """Largest elementwise difference of two pytrees, relative to the largest magnitude
-    of `reference`. NaN if `x` has gone non-finite."""
+    of `reference` (or of `also_scale`, e.g. the final state, where that is larger: a
+    solve that starts at zero is measured against the size it grew to). NaN if `x` has
+    gone non-finite."""
     x_leaves = jtu.tree_leaves(eqx.filter(x, eqx.is_inexact_array))
     ref_leaves = jtu.tree_leaves(eqx.filter(reference, eqx.is_inexact_array))
     if not ref_leaves:
@@ -969,23 +1010,72 @@ def _relative_difference(x, reference):
     difference = jnp.stack(
         [jnp.max(jnp.abs(a - b)).astype(dtype) for a, b in zip(x_leaves, ref_leaves)]
     ).max()
-    scale = jnp.stack([jnp.max(jnp.abs(b)).astype(dtype) for b in ref_leaves]).max()
+    scale = jnp.maximum(_max_magnitude(reference), _max_magnitude(also_scale))
     return difference / jnp.maximum(scale, jnp.finfo(dtype).tiny)
 
 
-def _report_reconstruction_error(adjoint, error, grads):
+def default_reconstruction_tol(dtype) -> float:
+    """`ReversibleAdjoint`'s default `reconstruction_tol` for states of `dtype`: at most
+    three quarters of the digits lost (float64: 1.2e-4; float32: 1.9e-2). The gradients
+    are typically an order of magnitude more accurate than the reconstruction."""
+    return float(jnp.finfo(dtype).eps) ** 0.25
+
+
+def _least_precise_dtype(tree):
+    leaves = jtu.tree_leaves(eqx.filter(tree, eqx.is_inexact_array))
+    if not leaves:
+        return _error_dtype()
+    return max((leaf.dtype for leaf in leaves), key=lambda d: jnp.finfo(d).eps)
+
+
+# `eqx.error_if` takes static messages: one per order of magnitude of the error.
+_ERROR_EXPONENTS = tuple(range(-12, 31))
+
+
+def _reconstruction_messages(tol) -> list[str]:
+    def message(exponent):
+        if exponent == _ERROR_EXPONENTS[-1]:
+            measured = f"at least 1e{exponent} (or not finite)"
+        else:
+            measured = f"about 1e{exponent}"
+        return (
+            "`ReversibleAdjoint`: the backward pass reconstructed the forward solve with "
+            f"a relative error of {measured}, above `reconstruction_tol={tol:.3g}`, so "
+            "the gradients are not to be trusted. Undoing a solve amplifies round-off "
+            "by the decay of the dynamics (and by the coupling, `λ^{-N}` over `N` "
+            "steps). Consider `ReversibleAdjoint(checkpoint_every=...)` (e.g. 100, or "
+            '`"auto"`), float64 instead of float32, or smaller steps on stiff or '
+            "strongly decaying problems; `reconstruction_tol=None` turns the check off."
+        )
+
+    return [message(exponent) for exponent in _ERROR_EXPONENTS]
+
+
+def _all_finite(tree) -> Array:
+    leaves = jtu.tree_leaves(eqx.filter(tree, eqx.is_inexact_array))
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
+
+
+def _report_reconstruction_error(adjoint, error, grads, y_like, final_state):
     if adjoint.reconstruction_callback is not None:
         jax.debug.callback(adjoint.reconstruction_callback, error)
-    if adjoint.reconstruction_tol is not None:
+    tol = adjoint.reconstruction_tol
+    check = True
+    if tol == "auto":
+        tol = default_reconstruction_tol(_least_precise_dtype(y_like))
+        # A forward solve that went NaN (as Diffrax's adjoints, NaN gradients follow)
+        # is not a failure of the reconstruction.
+        check = _all_finite(final_state)
+    if tol is not None:
+        exponent = jnp.round(jnp.log10(jnp.where(jnp.isfinite(error), error, jnp.inf)))
+        index = jnp.clip(exponent, _ERROR_EXPONENTS[0], _ERROR_EXPONENTS[-1])
+        index = jnp.nan_to_num(index, nan=_ERROR_EXPONENTS[-1]).astype(jnp.int32)
         # `<=` rather than `>`: NaN (a reconstruction that blew up) fails too.
-        grads = eqx.error_if(
+        grads = eqx.branched_error_if(
             grads,
-            jnp.invert(error <= adjoint.reconstruction_tol),
-            "`ReversibleAdjoint`: the backward pass reconstructed the forward solve "
-            "with a relative error above `reconstruction_tol`, so the gradients are "
-            "not to be trusted. Consider `ReversibleAdjoint(checkpoint_every=...)`, "
-            "float64, a coupling parameter closer to 1, or smaller steps on stiff or "
-            "strongly decaying problems.",
+            jnp.invert(error <= tol) & check,
+            index - _ERROR_EXPONENTS[0],
+            _reconstruction_messages(tol),
         )
     return grads
 
@@ -1010,6 +1100,13 @@ def _saveat_cotangent(saveat, save_bars):
     )
 
 
+def _raise_if_unstable(final_state):
+    # `Reversible` reports an unstable coupled scheme as one of Diffrax's results, which
+    # carries Diffrax's message; with `throw=True`, say what it means here instead.
+    unstable = final_state.result == diffrax.RESULTS.nonlinear_divergence
+    return eqx.error_if(final_state, unstable, UNSTABLE_COUPLING_MESSAGE)
+
+
 def _only_outputs_differentiable(final_state, saveat):
     """Diffrax's convention for adjoints: gradients flow through what the solution
     exposes (`ys`; the dense output and the final solver state when saved), and
@@ -1028,6 +1125,10 @@ def _only_outputs_differentiable(final_state, saveat):
     values = outputs(final_state)
     final_state = eqxi.nondifferentiable_backward(final_state, symbolic=False)
     return eqx.tree_at(outputs, final_state, values, is_leaf=is_none)
+
+
+def _is_positive_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
 
 
 class ReversibleAdjoint(diffrax.AbstractAdjoint):
@@ -1089,26 +1190,36 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
         is too large. `checkpoint_every=k` bounds the drift to `k` steps.
     """
 
-    checkpoint_every: int | None = eqx.field(default=None, static=True)
-    reconstruction_tol: float | None = eqx.field(default=None, static=True)
+    checkpoint_every: CheckpointEvery = eqx.field(default=None, static=True)
+    max_checkpoints: int = eqx.field(default=100, static=True)
+    reconstruction_tol: float | None | Literal["auto"] = eqx.field(
+        default="auto", static=True
+    )
     reconstruction_callback: Callable[[Array], Any] | None = eqx.field(
         default=None, static=True
     )
 
     def __check_init__(self):
         every = self.checkpoint_every
-        if every is not None and (
-            isinstance(every, bool) or not isinstance(every, int) or every < 1
-        ):
+        if every not in (None, "auto") and not _is_positive_int(every):
             raise ValueError(
-                "`ReversibleAdjoint(checkpoint_every=...)` must be a positive integer "
-                f"or `None`, got {every!r}."
+                "`ReversibleAdjoint(checkpoint_every=...)` must be a positive integer, "
+                f'`"auto"` or `None`, got {every!r}.'
+            )
+        if not _is_positive_int(self.max_checkpoints):
+            raise ValueError(
+                "`ReversibleAdjoint(max_checkpoints=...)` must be a positive integer, "
+                f"got {self.max_checkpoints!r}."
             )
         tol = self.reconstruction_tol
-        if tol is not None and not tol > 0:
+        if isinstance(tol, str):
+            valid = tol == "auto"
+        else:
+            valid = tol is None or tol > 0
+        if not valid:
             raise ValueError(
-                "`ReversibleAdjoint(reconstruction_tol=...)` must be positive or "
-                f"`None`, got {tol!r}."
+                "`ReversibleAdjoint(reconstruction_tol=...)` must be positive, "
+                f'`"auto"` or `None`, got {tol!r}.'
             )
 
     def loop(
@@ -1130,7 +1241,6 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
         passed_controller_state,
         progress_meter,
     ):
-        del throw
         _check_supported(
             solver=solver,
             terms=terms,
@@ -1138,6 +1248,7 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
             stepsize_controller=stepsize_controller,
             event=event,
             max_steps=max_steps,
+            checkpoint_every=self.checkpoint_every,
         )
         y0 = init_state.y
         z0 = init_state.solver_state
@@ -1193,6 +1304,8 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
             init_state=init_state,
             progress_meter=progress_meter,
         )
+        if throw and type(solver) is Reversible:
+            final_state = _raise_if_unstable(final_state)
         return _only_outputs_differentiable(final_state, saveat), aux_stats
 
 

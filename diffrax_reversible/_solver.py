@@ -1,9 +1,13 @@
+import functools as ft
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal, TypeAlias
 
 import diffrax
 import equinox as eqx
+import equinox.internal as eqxi
 import jax
+import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from equinox.internal import ω
@@ -12,13 +16,192 @@ from jaxtyping import ArrayLike, PyTree
 from ._custom_types import Args, BoolScalarLike, DenseInfo, RealScalarLike, VF, Y
 from ._diffrax_internals import is_sde, linear_rescale
 from ._misc import is_none, tree_add
+from ._native import NATIVE_REVERSIBLE_SOLVERS
 
 
-_SolverState: TypeAlias = Y
+class _ReversibleState(eqx.Module):
+    # `z`, the second state of the coupled scheme. Two diagnostics, not differentiated:
+    # `peak`, the largest `max|y|` (per leaf) so far, against which the gap `y - z` is
+    # judged (see `gap_is_unstable`), and only used forwards; and `log_growth`, the sum
+    # over the steps so far of the logarithm of the factor by which undoing a step
+    # amplifies round-off, from which `ReversibleAdjoint(checkpoint_every="auto")`
+    # places its checkpoints: undoing a step subtracts that step's term again.
+    z: Y
+    peak: list[ArrayLike]
+    log_growth: ArrayLike
 
-# Solvers whose step is not a function of its start point alone: they carry a state of
-# their own between steps, so the reversible scheme cannot call them as `Φ_h`.
-_STATEFUL_SOLVERS = (diffrax.ReversibleHeun, diffrax.LeapfrogMidpoint)
+
+_SolverState: TypeAlias = _ReversibleState
+
+
+
+# The automatic coupling's range: at most the fixed default (so neutral and oscillatory
+# dynamics are unchanged), and at least a value below which reconstructing even one
+# step loses more digits (`-log10 λ`) than it is worth.
+AUTO_COUPLING_MAX = 0.999
+AUTO_COUPLING_MIN = 0.01
+
+
+def auto_coupling(decay: ArrayLike) -> ArrayLike:
+    """The automatic coupling for a step along which the dynamics decay by `e^{-decay}`
+    (`decay = a h` for a local decay rate `a` and step `h`): `λ = e^{-2 decay}`, clipped
+    to `[AUTO_COUPLING_MIN, AUTO_COUPLING_MAX]`. Then the parasitic mode of the coupled
+    scheme, whose eigenvalue is about `λ e^{decay}`, decays as fast as the physical one.
+    """
+    decay = jnp.asarray(decay)
+    return jnp.clip(jnp.exp(-2 * decay), AUTO_COUPLING_MIN, AUTO_COUPLING_MAX)
+
+
+def _sum_of_products(xs: Y, ys: Y) -> ArrayLike:
+    # In the default float type, so that leaves of several dtypes can be added.
+    dtype = jnp.result_type(float)
+    products = [
+        jnp.sum(x * y).astype(dtype)
+        for x, y in zip(jtu.tree_leaves(xs), jtu.tree_leaves(ys))
+    ]
+    return sum(products, start=jnp.zeros((), dtype))
+
+
+def local_decay(
+    terms: PyTree[diffrax.AbstractTerm],
+    t0: RealScalarLike,
+    t1: RealScalarLike,
+    x0: Y,
+    args: Args,
+    direction: Y | None,
+) -> ArrayLike:
+    """An estimate of `a h`, the decay over the step `t0 -> t1` of the most damped
+    dynamics at `x0`: minus the Rayleigh quotient `<v, J v> / <v, v>` of the Jacobian
+    `J` of the step's increment `x -> f(t0, x, args) (t1 - t0)` (the whole term, so
+    also a diffusion or a control), along `v = direction`, or along the increment
+    itself when `direction` is `None`. Negative where the dynamics grow along `v`;
+    zero on rotations, and where `v` vanishes.
+
+    A base solver's error estimate makes a good `direction`: it is dominated by the
+    fastest modes the step resolves, which are the ones the coupled scheme's parasitic
+    mode grows along.
+    """
+    control = terms.contr(t0, t1)
+
+    def increment(x):
+        return terms.vf_prod(t0, x, args, control)
+
+    if direction is None:
+        direction, linear_increment = jax.linearize(increment, x0)
+        direction_change = linear_increment(direction)
+    else:
+        _, direction_change = jax.jvp(increment, (x0,), (direction,))
+    norm = _sum_of_products(direction, direction)
+    quotient = _sum_of_products(direction, direction_change) / jnp.where(
+        norm > 0, norm, 1
+    )
+    return jnp.where(norm > 0, -quotient, 0)
+
+
+def solution_growth(x0: Y, x1: Y) -> ArrayLike:
+    """About `log(|x1| / |x0|)`, the growth of the solution over a step: the change
+    `x1 - x0` projected on `x0`, relative to `|x0|^2` (zero where `x0` vanishes)."""
+    norm = _sum_of_products(x0, x0)
+    change = _sum_of_products(x0, (x1**ω - x0**ω).ω)
+    return jnp.where(norm > 0, change / jnp.where(norm > 0, norm, 1), 0)
+
+
+def _max_abs(x: Y) -> list[ArrayLike]:
+    dtype = jnp.result_type(float)
+    return [
+        jnp.max(jnp.abs(leaf), initial=0).astype(dtype) for leaf in jtu.tree_leaves(x)
+    ]
+
+
+def gap_is_unstable(
+    gap: Y, y0: Y, y1: Y, increment: Y, peak: list[ArrayLike], tol: float
+) -> ArrayLike:
+    """Whether the two states of the coupled scheme have drifted apart: for some leaf of
+    the state, `max|y - z|` (`gap`) exceeds both `tol` times the solution's scale in
+    this step (`max|y|` at either end, or the increment where the solution crosses
+    zero), and `PEAK_TOL` times the largest `max|y|` so far (`peak`).
+
+    Both `y` and `z` approximate the solution, so in a healthy solve the gap stays at
+    the level of the accumulated error of the base solver; when the coupling does not
+    damp the parasitic mode it grows geometrically, past the solution. The second test
+    spares a solution that decayed below an adaptive solve's `atol`, where the gap sits
+    at the level of `atol`."""
+    out = jnp.zeros((), bool)
+    leaves = zip(_max_abs(gap), _max_abs(y0), _max_abs(y1), _max_abs(increment), peak)
+    for g, a, b, c, p in leaves:
+        scale = jnp.maximum(jnp.maximum(a, b), c)
+        out = out | ((g > tol * scale) & (g > PEAK_TOL * p))
+    return out
+
+
+def leaf_scales(x: Y) -> list[ArrayLike]:
+    """`max|x|` for each leaf of `x`, in the default float type."""
+    return _max_abs(x)
+
+
+def _with_gap_growth(base_error: Y | None, gap0: Y, gap1: Y) -> Y | None:
+    """The base solver's error estimate, plus how much the gap `y - z` between the two
+    states grew in this step (per leaf, along `gap1`). A healthy step only adds to the
+    gap at the level of the local error; where the coupled scheme is unstable (too large
+    a step on decaying dynamics) the gap grows geometrically, and the step size
+    controller then rejects the step and shrinks it, as it would for the base error."""
+    if base_error is None:
+        return None
+
+    def add_growth(error, g0, g1):
+        norm0 = jnp.sqrt(jnp.sum(g0 * g0))
+        norm1 = jnp.sqrt(jnp.sum(g1 * g1))
+        growth = jnp.where(norm1 > norm0, 1 - norm0 / jnp.where(norm1 > 0, norm1, 1), 0)
+        return jnp.abs(error) + growth * jnp.abs(g1)
+
+    return jtu.tree_map(add_growth, base_error, gap0, gap1)
+
+
+# See `gap_is_unstable`. In a healthy solve the gap is the accumulated difference of two
+# solutions of the same order: 10% of the solution for Euler at `h ω = 0.17` (hence a
+# looser bound for first-order bases), below 1e-3 for Heun and 1e-8 for Tsit5 there.
+# A gap that sits at 10-20% of the solution already biases a nonlinear solve by far
+# more (Diffrax's Kalman filter example: the covariance 4x too large).
+PARASITIC_TOL = 0.1
+FIRST_ORDER_TOL = 0.5
+PEAK_TOL = 1e-3
+
+
+UNSTABLE_COUPLING_MESSAGE = (
+    "`Reversible`: the coupled scheme is unstable on this problem: its two states "
+    "`y` and `z` drifted apart (its parasitic mode grew), so the solution is not to be "
+    "trusted. This happens on strongly decaying (damped, stiff) dynamics. Consider "
+    "`Reversible(..., coupling_parameter=\"auto\")` (the default) instead of a fixed "
+    "coupling, a smaller coupling parameter, or smaller steps (e.g. a smaller `dt0`, or "
+    "`dtmax` on the step size controller). "
+    "`diffrax_reversible.check_stability` suggests a coupling and a step size."
+)
+
+
+def _warn_unstable_coupling():
+    warnings.warn(UNSTABLE_COUPLING_MESSAGE, RuntimeWarning, stacklevel=1)
+
+
+def _report_instability(unstable: ArrayLike) -> diffrax.RESULTS:
+    """Diffrax can only carry its own messages: the step returns one of its failures,
+    and a warning says what it means. `unvmap_any` makes the warning's condition
+    unbatched, so that under `jax.vmap` it is not run on every step."""
+    lax.cond(
+        eqxi.unvmap_any(unstable),
+        lambda: jax.debug.callback(_warn_unstable_coupling),
+        lambda: None,
+    )
+    return diffrax.RESULTS.where(
+        unstable, diffrax.RESULTS.nonlinear_divergence, diffrax.RESULTS.successful
+    )
+
+
+def _previous_state(
+    state1: _ReversibleState, z0: Y, log_growth: ArrayLike
+) -> _ReversibleState:
+    return _ReversibleState(
+        z=z0, peak=state1.peak, log_growth=state1.log_growth - log_growth
+    )
 
 
 def _first_failure(*results: diffrax.RESULTS) -> diffrax.RESULTS:
@@ -76,20 +259,45 @@ def _unrolled_erk_step(
     return y1, y_error, dict(y0=y0, y1=y1, k=k)
 
 
+# Explicit one-step solvers other than explicit Runge--Kutta methods. Anything not
+# known to be explicit is refused: an implicit step that is not an
+# `AbstractImplicitSolver` (such as the Crank--Nicolson of Diffrax's heat-equation
+# example) would be accepted and then not be undone.
+_EXPLICIT_NON_RK_SOLVERS = (
+    diffrax.Euler,
+    diffrax.EulerHeun,
+    diffrax.ItoMilstein,
+    diffrax.StratonovichMilstein,
+)
+
+
 def _check_base_solver(solver: diffrax.AbstractSolver) -> None:
     name = type(solver).__name__
+    if type(solver) in NATIVE_REVERSIBLE_SOLVERS:
+        raise ValueError(
+            f"`Reversible({name}())` is not needed: `{name}` is algebraically "
+            "reversible already, and works directly with "
+            f"`adjoint=ReversibleAdjoint()`: `diffeqsolve(..., solver={name}(), "
+            "adjoint=diffrax_reversible.ReversibleAdjoint())`."
+        )
+    if type(solver) is Reversible or isinstance(solver, diffrax.AbstractWrappedSolver):
+        raise ValueError(
+            f"`Reversible({name}(...))` is not possible: wrap a plain one-step "
+            "explicit solver, e.g. `Reversible(diffrax.Tsit5())`."
+        )
     if isinstance(solver, diffrax.AbstractImplicitSolver):
         raise ValueError(
             f"`Reversible({name}())` is not possible: `{name}` is an implicit solver, "
             "and `Reversible` needs an explicit one, whose step is cheap to evaluate "
             "backwards in time. Consider `Reversible(diffrax.Tsit5())`."
         )
-    if type(solver) is Reversible or isinstance(solver, _STATEFUL_SOLVERS):
+    if isinstance(solver, diffrax.AbstractFosterLangevinSRK):
         raise ValueError(
-            f"`Reversible({name}(...))` is not possible: `{name}` carries state "
-            "between steps, so a single step is not a function of its start point. "
-            "Wrap a one-step explicit solver instead, e.g. "
-            "`Reversible(diffrax.Tsit5())`."
+            f"`Reversible({name}())` is not supported: the underdamped Langevin "
+            "solvers take their own term structure and Lévy area, which the coupled "
+            "scheme does not step backwards. For an underdamped Langevin SDE, write "
+            "it as `MultiTerm(ODETerm(drift), ControlTerm(diffusion, "
+            "VirtualBrownianTree(...)))` and use `Reversible(diffrax.Heun())`."
         )
     if isinstance(solver, diffrax.AbstractSRK):
         raise ValueError(
@@ -97,6 +305,16 @@ def _check_base_solver(solver: diffrax.AbstractSolver) -> None:
             "of stochastic Runge--Kutta solvers with Lévy area wrongly when they are "
             "taken backwards in time (diffrax issue #598). Consider "
             "`Reversible(diffrax.Heun())` or `Reversible(diffrax.Midpoint())`."
+        )
+    if not (_has_explicit_tableau(solver) or type(solver) in _EXPLICIT_NON_RK_SOLVERS):
+        raise ValueError(
+            f"`Reversible({name}(...))` is not supported: `Reversible` needs a "
+            "one-step explicit solver whose step is a function of its start point "
+            f"alone, and `{name}` is not known to be one (an implicit or multistep "
+            "solver cannot be undone this way). Supported: explicit Runge--Kutta "
+            "solvers (`Euler`, `Heun`, `Midpoint`, `Ralston`, `Bosh3`, `Tsit5`, "
+            "`Dopri5`, `Dopri8`, or any `AbstractERK` with a `ButcherTableau`), "
+            "`EulerHeun`, `ItoMilstein` and `StratonovichMilstein`."
         )
 
 
@@ -195,12 +413,36 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
     which is what lets [`diffrax_reversible.ReversibleAdjoint`][] backpropagate through
     a solve in constant memory, reconstructing the forward states on the way back.
 
-    The solution output is `y`; `z` is kept as the solver state. The order (and, for
+    The solution output is `y`; `z` is kept in the solver state. The order (and, for
     SDEs, the strong order) of the wrapped solver is retained. The error estimate for
-    adaptive step sizing is that of the wrapped solver's step `Φ_h(t0, z0)`, so
-    `Reversible(solver)` can use an adaptive step size controller exactly when `solver`
-    can. Dense output (`SaveAt(ts=...)`) uses the wrapped solver's interpolant of the
-    `z`-step, shifted linearly by `y - z`.
+    adaptive step sizing is that of the wrapped solver's step `Φ_h(t0, z0)`, plus the
+    growth of the gap `y - z` in the step, so `Reversible(solver)` can use an adaptive
+    step size controller exactly when `solver` can, and the controller keeps the coupled
+    scheme stable. Dense output (`SaveAt(ts=...)`) uses the wrapped solver's interpolant
+    of the `z`-step, shifted linearly by `y - z`.
+
+    The coupling `λ` is chosen per step by default (`coupling_parameter="auto"`): the
+    step matrix of the scheme on `y' = a y` has a parasitic eigenvalue of about
+    `λ e^{a h}` besides the physical `e^{-a h}`, so a fixed `λ` close to 1 lets every
+    mode that decays faster than `(1 - λ) / h` grow. The automatic coupling estimates the
+    local decay `a h` (a Rayleigh quotient of the Jacobian of the vector field along the
+    base step's error estimate, one Jacobian-vector product per step) and takes
+    `λ = e^{-2 a h}`, clipped to `[0.01, 0.999]`: decaying modes are damped as fast as
+    the physical ones, and on oscillatory or neutral dynamics `λ = 0.999`, the
+    reconstruction's round-off grows only like `0.999^{-N}`. The coupling is computed
+    from what the inverse step also knows (`z0`, `t0`, `t1`), so the step stays exactly
+    invertible. It is not differentiated (like a step size, it is a choice of
+    discretisation), so every adjoint differentiates the same discrete map.
+
+    !!! warning "Never silently unstable"
+
+        Each step measures how far `y` and `z` have drifted apart, relative to the
+        solution's scale. Where the coupled scheme is unstable (a fixed coupling on
+        decaying dynamics, or steps too large for any coupling), the gap grows
+        geometrically, and the solve stops with an unsuccessful `sol.result` (Diffrax's
+        `nonlinear_divergence`), with a `RuntimeWarning` that says what it means, and,
+        with `throw=True` under [`diffrax_reversible.ReversibleAdjoint`][], an error
+        with that message.
 
     Each step makes two steps of the wrapped solver. First-same-as-last solvers (e.g.
     [`diffrax.Tsit5`][]) re-evaluate their first stage in every step, because each step
@@ -227,18 +469,25 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
     """
 
     solver: diffrax.AbstractSolver
-    coupling_parameter: float = 0.999
+    coupling_parameter: RealScalarLike | Literal["auto"] = "auto"
     scan_kind: None | Literal["lax", "checkpointed", "bounded"] = None
 
     def __check_init__(self):
         _check_base_solver(self.solver)
         coupling = self.coupling_parameter
+        if isinstance(coupling, str):
+            if coupling != "auto":
+                raise ValueError(
+                    f"`Reversible(..., coupling_parameter={coupling!r})` is not valid: "
+                    'the coupling parameter is `"auto"` or a number in (0, 1].'
+                )
+            return
         if isinstance(coupling, jax.core.Tracer):
-            return  # Only known at run time.
+            return  # Only known at run time: checked in `_coupling`.
         if not 0 < float(coupling) <= 1:
             raise ValueError(
                 f"`Reversible(..., coupling_parameter={coupling})` is not valid: the "
-                "coupling parameter must lie in (0, 1]. The default is 0.999."
+                'coupling parameter must lie in (0, 1], or be `"auto"` (the default).'
             )
 
     @property
@@ -275,7 +524,11 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
     ) -> _SolverState:
         del t0, t1, args
         _check_sde_base(self.solver, terms)
-        return y0
+        return _ReversibleState(
+            z=y0,
+            peak=lax.stop_gradient(leaf_scales(y0)),
+            log_growth=jnp.zeros((), jnp.result_type(float)),
+        )
 
     def step(
         self,
@@ -289,16 +542,30 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
     ) -> tuple[Y, Y | None, DenseInfo, _SolverState, diffrax.RESULTS]:
         del made_jump  # Every base step starts afresh anyway.
         _check_sde_base(self.solver, terms)
-        z0 = solver_state
-        coupling = self._coupling(y0)
-        z_step, y_error, base_dense_info, result1 = self.base_step(
+        z0 = solver_state.z
+        z_step, base_error, base_dense_info, result1 = self.base_step(
             terms, t0, t1, z0, args
+        )
+        coupling, log_growth = self._coupling(
+            terms, t0, t1, z0, args, z_step, base_error
         )
         y1 = (coupling * (y0**ω - z0**ω) + z_step**ω).ω
         y1_back, _, _, result2 = self.base_step(terms, t1, t0, y1, args)
         z1 = (y1**ω + z0**ω - y1_back**ω).ω
         dense_info = _dense_info(base_dense_info, y0, z0, y1, z_step)
-        return y1, y_error, dense_info, z1, _first_failure(result1, result2)
+        gap0, gap1 = (y0**ω - z0**ω).ω, (y1**ω - z1**ω).ω
+        y_error = _with_gap_growth(base_error, gap0, gap1)
+        increment = (z_step**ω - z0**ω).ω
+        peak = lax.stop_gradient(
+            [jnp.maximum(a, b) for a, b in zip(solver_state.peak, leaf_scales(y1))]
+        )
+        tol = PARASITIC_TOL if (self.solver.order(terms) or 1) > 1 else FIRST_ORDER_TOL
+        unstable = gap_is_unstable(gap1, y0, y1, increment, peak, tol)
+        result = _first_failure(result1, result2, _report_instability(unstable))
+        state1 = _ReversibleState(
+            z=z1, peak=peak, log_growth=solver_state.log_growth + log_growth
+        )
+        return y1, y_error, dense_info, state1, result
 
     def inverse_step(
         self,
@@ -321,12 +588,16 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
 
         The pair `(y0, z0)` that `step` was called with, up to floating-point round-off.
         """
-        coupling = self._coupling(y1)
+        state1 = z1
+        z1 = state1.z
         y1_back, _, _, _ = self.base_step(terms, t1, t0, y1, args)
         z0 = (z1**ω - y1**ω + y1_back**ω).ω
-        z_step, _, _, _ = self.base_step(terms, t0, t1, z0, args)
+        z_step, y_error, _, _ = self.base_step(terms, t0, t1, z0, args)
+        coupling, log_growth = self._coupling(
+            terms, t0, t1, z0, args, z_step, y_error
+        )
         y0 = ((y1**ω - z_step**ω) / coupling + z0**ω).ω
-        return y0, z0
+        return y0, _previous_state(state1, z0, log_growth)
 
     def reverse_step(
         self,
@@ -367,8 +638,10 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
         `time_cotangents`), and the auxiliary output of `dense_info_cotangent` (`None`
         without one).
         """
-        coupling = self._coupling(y1)
         dense = dense_info_cotangent is not None
+        # The scale in the state is carried unchanged: its cotangent passes through.
+        state1, state1_bar = z1, z1_bar
+        z1, z1_bar = state1.z, state1_bar.z
 
         times = (t0, t1) if time_cotangents else None
 
@@ -379,8 +652,9 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
 
         def forward_base_step(z, args, terms, times):
             ta, tb = (t0, t1) if times is None else times
-            z_step, _, base_dense_info, _ = self.base_step(terms, ta, tb, z, args)
-            return z_step, base_dense_info if dense else None
+            z_step, error, base_dense_info, _ = self.base_step(terms, ta, tb, z, args)
+            # The error estimate only feeds the coupling, which is not differentiated.
+            return (z_step, base_dense_info if dense else None), error
 
         # Reverse of: A = Φ_h(z0); y1 = λ(y0 - z0) + A; B = Φ_{-h}(y1);
         # z1 = y1 + z0 - B; and, in `dense_info`, the offsets y0 - z0 and y1 - A.
@@ -393,8 +667,11 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
         y1_bar = (y1_bar**ω + z1_bar**ω + y1_bar_via_back**ω).ω
         z0 = (z1**ω - y1**ω + y1_back**ω).ω
 
-        (z_step, base_dense_info), pull_back_forward = eqx.filter_vjp(
-            forward_base_step, z0, args, terms, times
+        (z_step, base_dense_info), pull_back_forward, y_error = eqx.filter_vjp(
+            forward_base_step, z0, args, terms, times, has_aux=True
+        )
+        coupling, log_growth = self._coupling(
+            terms, t0, t1, z0, args, z_step, y_error
         )
         y0 = ((y1**ω - z_step**ω) / coupling + z0**ω).ω
         if dense:
@@ -420,7 +697,9 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
         args_bar = tree_add(args_bar, args_bar_step)
         terms_bar = tree_add(terms_bar, terms_bar_step)
         times_bar = tree_add(times_bar, times_bar_step)
-        return (y0, z0), (y0_bar, z0_bar, args_bar, terms_bar, times_bar), aux
+        state0 = _previous_state(state1, z0, log_growth)
+        state0_bar = eqx.tree_at(lambda s: s.z, state1_bar, z0_bar)
+        return (y0, state0), (y0_bar, state0_bar, args_bar, terms_bar, times_bar), aux
 
     def base_step(
         self,
@@ -457,10 +736,49 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
     ) -> VF:
         return self.solver.func(terms, t0, y0, args)
 
-    def _coupling(self, like: Y) -> ArrayLike:
+    def _coupling(
+        self,
+        terms: PyTree[diffrax.AbstractTerm],
+        t0: RealScalarLike,
+        t1: RealScalarLike,
+        z0: Y,
+        args: Args,
+        z_step: Y,
+        z_step_error: Y | None,
+    ) -> tuple[ArrayLike, ArrayLike]:
+        """The coupling `λ` of the step `t0 -> t1`, and the logarithm of the factor by
+        which undoing the step amplifies round-off (see `_ReversibleState`).
+
+        A function of what the inverse step also knows before it needs `λ`: the
+        interval, `z0`, and the base step from `z0` (its error estimate). Never of
+        `y0`, which the inverse is solving for."""
         # Cast to the state's dtype: strict dtype promotion forbids mixing.
-        dtype = jnp.result_type(*jtu.tree_leaves(like))
-        return jnp.asarray(self.coupling_parameter, dtype=dtype)
+        dtype = jnp.result_type(*jtu.tree_leaves(z0))
+        decay = lax.stop_gradient(local_decay(terms, t0, t1, z0, args, z_step_error))
+        if isinstance(self.coupling_parameter, str):
+            growth = lax.stop_gradient(solution_growth(z0, z_step))
+            # The parasitic mode grows by about `λ e^{decay}`, the solution by
+            # `e^{growth}`: balance the two. On `y' = -a y` this is `λ = e^{-2 a h}`.
+            # Not differentiated: `λ` is a choice of discretisation, like a step size,
+            # and every adjoint then differentiates the same discrete map.
+            coupling = auto_coupling((decay - growth) / 2).astype(dtype)
+        else:
+            coupling = jnp.asarray(self.coupling_parameter, dtype=dtype)
+            if isinstance(coupling, jax.core.Tracer):
+                coupling = eqx.error_if(
+                    coupling,
+                    (coupling <= 0) | (coupling > 1),
+                    "`Reversible(..., coupling_parameter=...)` must lie in (0, 1].",
+                )
+        # Undoing the step amplifies round-off by `1 / λ` along the parasitic mode,
+        # and by about `e^{|a h|}` through the dynamics: where they contract, and,
+        # where they expand, through the parasitic mode they then damp.
+        float_dtype = jnp.result_type(float)
+        log_growth = (
+            -jnp.log(lax.stop_gradient(coupling)).astype(float_dtype)
+            + jnp.abs(decay).astype(float_dtype)
+        )
+        return coupling, log_growth
 
     def _solver_with_scan_kind(self) -> diffrax.AbstractSolver:
         # `DirectAdjoint` and `ForwardMode` set `scan_kind` on what they believe is a
@@ -480,10 +798,12 @@ Reversible.__init__.__doc__ = """**Arguments:**
     solvers, solvers that carry state between steps (`diffrax.ReversibleHeun`,
     `diffrax.LeapfrogMidpoint`, `Reversible` itself) and stochastic Runge--Kutta solvers
     with Lévy area raise a `ValueError`.
-- `coupling_parameter`: the coupling `λ` in `(0, 1]` between the two states. Values
-    close to 1 make the backward reconstruction most stable (round-off grows like
-    `λ^{-N}` over `N` steps); smaller values damp the parasitic mode of the scheme more
-    strongly. Defaults to 0.999.
+- `coupling_parameter`: the coupling `λ` between the two states: `"auto"` (the
+    default) to choose it per step from the local decay of the dynamics, as above; or a
+    fixed number in `(0, 1]`. A fixed value close to 1 (such as 0.999, the paper's) makes
+    the backward reconstruction most stable on oscillatory problems (round-off grows
+    like `λ^{-N}` over `N` steps) but is unstable on decaying ones; smaller values damp
+    the parasitic mode of the scheme more strongly.
 - `scan_kind`: how the stages of a Runge--Kutta base solver are run. `None` (the
     default) unrolls the stages of explicit Runge--Kutta methods: fastest, and XLA
     drops unused stages. Any other value (`"checkpointed"`, `"lax"`, `"bounded"`) is
