@@ -47,6 +47,7 @@ def main():
     term = diffrax.ODETerm(lambda t, y, args: jax.vmap(args)(y))
     y = jr.normal(jr.PRNGKey(1), (options.batch, options.state))
     solver = dr.Reversible(diffrax.Tsit5())
+    fixed = dr.Reversible(diffrax.Tsit5(), coupling_parameter=0.999)
     base = diffrax.Tsit5()
     t0, t1 = 0.0, 1e-3
 
@@ -71,10 +72,15 @@ def main():
         out, pull_back = eqx.filter_vjp(step, x, mlp)
         return pull_back(out)[0]
 
-    def reversible_step(yz):
-        y, z = yz
-        y, _, _, z, _ = solver.step(term, t0, t1, y, mlp, z, False)
-        return y, z
+    def reversible_step_with(solver):
+        def step(yz):
+            y, z = yz
+            y, _, _, z, _ = solver.step(term, t0, t1, y, mlp, z, False)
+            return y, z
+
+        return step
+
+    state = solver.init(term, t0, t1, y, mlp)
 
     def reverse_step(carry):
         # Parameter cotangents are accumulated, as in the backward pass, so that XLA
@@ -103,7 +109,16 @@ def main():
         ("base step (Tsit5, Diffrax's stage loop)", diffrax_base_step, y),
         ("VJP of a base step (unrolled)", base_step_vjp, y),
         ("VJP of a base step (Diffrax's stage loop)", diffrax_base_step_vjp, y),
-        ("forward reversible step (2 base steps)", reversible_step, (y, y)),
+        (
+            "forward reversible step (2 base steps), automatic coupling",
+            reversible_step_with(solver),
+            (y, state),
+        ),
+        (
+            "forward reversible step (2 base steps), coupling 0.999",
+            reversible_step_with(fixed),
+            (y, state),
+        ),
         (
             "VJP of a base step, with parameter cotangents",
             base_step_vjp_with_params,
@@ -112,7 +127,7 @@ def main():
         (
             "fused reverse step (2 base-step VJPs, with parameter cotangents)",
             reverse_step,
-            ((y, y), (y, y), mlp_zeros),
+            ((y, state), (y, jax.tree_util.tree_map(jnp.ones_like, state)), mlp_zeros),
         ),
     ]
     print(

@@ -99,11 +99,13 @@ def local_decay(
 
 
 def solution_growth(x0: Y, x1: Y) -> ArrayLike:
-    """About `log(|x1| / |x0|)`, the growth of the solution over a step: the change
-    `x1 - x0` projected on `x0`, relative to `|x0|^2` (zero where `x0` vanishes)."""
-    norm = _sum_of_products(x0, x0)
-    change = _sum_of_products(x0, (x1**ω - x0**ω).ω)
-    return jnp.where(norm > 0, change / jnp.where(norm > 0, norm, 1), 0)
+    """`log(|x1| / |x0|)`, the growth of the solution over a step (zero where either
+    vanishes)."""
+    norm0 = _sum_of_products(x0, x0)
+    norm1 = _sum_of_products(x1, x1)
+    valid = (norm0 > 0) & (norm1 > 0)
+    ratio = jnp.where(valid, norm1, 1) / jnp.where(valid, norm0, 1)
+    return 0.5 * jnp.log(ratio)
 
 
 def _max_abs(x: Y) -> list[ArrayLike]:
@@ -114,10 +116,17 @@ def _max_abs(x: Y) -> list[ArrayLike]:
 
 
 def gap_is_unstable(
-    gap: Y, y0: Y, y1: Y, increment: Y, peak: list[ArrayLike], tol: float
+    gap0: Y,
+    gap1: Y,
+    y0: Y,
+    y1: Y,
+    increment: Y,
+    peak: list[ArrayLike],
+    tol: float,
 ) -> ArrayLike:
-    """Whether the two states of the coupled scheme have drifted apart: for some leaf of
-    the state, `max|y - z|` (`gap`) exceeds both `tol` times the solution's scale in
+    """Whether the two states of the coupled scheme are drifting apart: for some leaf of
+    the state, the gap `max|y - z|` grew in this step (from a nonzero one: a single
+    large step is not a drift), and exceeds both `tol` times the solution's scale in
     this step (`max|y|` at either end, or the increment where the solution crosses
     zero), and `PEAK_TOL` times the largest `max|y|` so far (`peak`).
 
@@ -127,10 +136,18 @@ def gap_is_unstable(
     spares a solution that decayed below an adaptive solve's `atol`, where the gap sits
     at the level of `atol`."""
     out = jnp.zeros((), bool)
-    leaves = zip(_max_abs(gap), _max_abs(y0), _max_abs(y1), _max_abs(increment), peak)
-    for g, a, b, c, p in leaves:
+    leaves = zip(
+        _max_abs(gap0),
+        _max_abs(gap1),
+        _max_abs(y0),
+        _max_abs(y1),
+        _max_abs(increment),
+        peak,
+    )
+    for g0, g1, a, b, c, p in leaves:
         scale = jnp.maximum(jnp.maximum(a, b), c)
-        out = out | ((g > tol * scale) & (g > PEAK_TOL * p))
+        growing = (g1 > g0) & (g0 > 0)
+        out = out | (growing & (g1 > tol * scale) & (g1 > PEAK_TOL * p))
     return out
 
 
@@ -560,7 +577,7 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
             [jnp.maximum(a, b) for a, b in zip(solver_state.peak, leaf_scales(y1))]
         )
         tol = PARASITIC_TOL if (self.solver.order(terms) or 1) > 1 else FIRST_ORDER_TOL
-        unstable = gap_is_unstable(gap1, y0, y1, increment, peak, tol)
+        unstable = gap_is_unstable(gap0, gap1, y0, y1, increment, peak, tol)
         result = _first_failure(result1, result2, _report_instability(unstable))
         state1 = _ReversibleState(
             z=z1, peak=peak, log_growth=solver_state.log_growth + log_growth
@@ -698,7 +715,12 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
         terms_bar = tree_add(terms_bar, terms_bar_step)
         times_bar = tree_add(times_bar, times_bar_step)
         state0 = _previous_state(state1, z0, log_growth)
-        state0_bar = eqx.tree_at(lambda s: s.z, state1_bar, z0_bar)
+        # As the step's own VJP: `log_growth` is carried on, `peak` is not differentiated.
+        state0_bar = _ReversibleState(
+            z=z0_bar,
+            peak=[jnp.zeros_like(p) for p in state1_bar.peak],
+            log_growth=state1_bar.log_growth,
+        )
         return (y0, state0), (y0_bar, state0_bar, args_bar, terms_bar, times_bar), aux
 
     def base_step(

@@ -116,11 +116,13 @@ def _coupling_at(
 ) -> Float[Array, "*shape"]:
     """The coupling of one step on `y' = a y` with `z = h a`: `"auto"` estimates the
     decay over the step as `-Re z` (its Rayleigh quotient is exactly that on this
-    equation), and takes `auto_coupling` of it."""
+    equation) and the solution's growth as `log|R(z)|`, as `Reversible` does, and
+    takes `auto_coupling` of half their difference (about `-Re z`)."""
     real = jnp.real(z)
     coupling = solver.coupling_parameter
     if isinstance(coupling, str):  # `"auto"`: `Reversible` rejects any other string.
-        return auto_coupling(-real).astype(real.dtype)
+        growth = jnp.log(jnp.abs(stability_function(solver, z)))
+        return auto_coupling((-real - growth.astype(real.dtype)) / 2).astype(real.dtype)
     return jnp.broadcast_to(jnp.asarray(coupling, dtype=real.dtype), real.shape)
 
 

@@ -48,7 +48,9 @@ def test_implicit_base(base):
     ],
 )
 def test_stateful_base(base):
-    with pytest.raises(ValueError, match="carries state between steps"):
+    # Natively reversible solvers are pointed to `ReversibleAdjoint` directly.
+    match = "is not possible" if type(base) is dr.Reversible else "works directly with"
+    with pytest.raises(ValueError, match=match):
         dr.Reversible(base)
 
 
@@ -137,3 +139,40 @@ def test_event_root_with_saved_steps():
     )
     with pytest.raises(ValueError, match="root_finder"):
         _solve(event=event, saveat=diffrax.SaveAt(steps=True))
+
+
+@pytest.mark.parametrize(
+    "base,match",
+    [
+        (diffrax.QUICSORT(0.1), "underdamped Langevin"),
+        (diffrax.SemiImplicitEuler(), "works directly with"),
+        (diffrax.Kvaerno5(), "implicit solver"),
+    ],
+)
+def test_refused_bases_name_the_alternative(base, match):
+    with pytest.raises(ValueError, match=match):
+        dr.Reversible(base)
+
+
+class _CrankNicolson(diffrax.AbstractSolver):
+    # As in Diffrax's heat-equation example: implicit, but not an
+    # `AbstractImplicitSolver`.
+    term_structure = diffrax.ODETerm
+    interpolation_cls = diffrax.LocalLinearInterpolation
+
+    def order(self, terms):
+        return 2
+
+    def init(self, terms, t0, t1, y0, args):
+        return None
+
+    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        raise NotImplementedError
+
+    def func(self, terms, t0, y0, args):
+        return terms.vf(t0, y0, args)
+
+
+def test_solver_not_known_to_be_explicit_is_refused():
+    with pytest.raises(ValueError, match="not known to be one"):
+        dr.Reversible(_CrankNicolson())

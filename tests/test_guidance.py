@@ -403,12 +403,17 @@ def test_spectral_radius_against_lapack(coupling):
 
 
 def test_auto_step_matrix_matches_actual_steps():
-    # On `y' = a y` the automatic coupling is `auto_coupling(-Re z)`: three steps of
-    # the solver from `y0 = z0 = 1` are `M^3 (1, 1)`.
+    # On `y' = a y` the automatic coupling is `auto_coupling((-z - log R(z)) / 2)`
+    # (decay `-z`, the solution's growth `log R(z)`), about `auto_coupling(-z)`:
+    # three steps of the solver from `y0 = z0 = 1` are `M^3 (1, 1)`.
     a, dt = -2.0, 0.3
     solver = dr.Reversible(diffrax.Tsit5(), coupling_parameter="auto")
     matrix = np.asarray(dr.step_matrix(solver, a * dt))
-    assert matrix[0, 0] == pytest.approx(float(auto_coupling(-a * dt)), rel=1e-14)
+    growth = float(jnp.log(jnp.abs(dr.stability_function(solver, a * dt))))
+    expected_coupling = float(auto_coupling((-a * dt - growth) / 2))
+    assert matrix[0, 0] == pytest.approx(expected_coupling, rel=1e-14)
+    # Tsit5's `R(z)` is `e^z` up to `O(z^6)`.
+    assert expected_coupling == pytest.approx(float(auto_coupling(-a * dt)), rel=1e-4)
     # The determinant is the coupling.
     assert np.linalg.det(matrix) == pytest.approx(matrix[0, 0], rel=1e-12)
     sol = diffrax.diffeqsolve(
