@@ -300,16 +300,16 @@ def _heat(
     adjoint,
     *,
     nonlinear: bool,
-    dtype,
-    n: int,
-    t_final: float,
-    dt0: float,
-    rtol: float,
-    atol: float,
-    dtmax: float | None,
-    num_saves: int,
-    max_steps: int,
-    throw: bool,
+    dtype=jnp.float64,
+    n: int = 50,
+    t_final: float = 0.1,
+    dt0: float = 1e-4,
+    rtol: float = 1e-6,
+    atol: float = 1e-6,
+    dtmax: float | None = 1e-3,
+    num_saves: int = 11,
+    max_steps: int = 4096,
+    throw: bool = True,
 ) -> dict[str, Any]:
     x = jnp.linspace(-1.0, 1.0, n, dtype=dtype)
     y0 = x**2
@@ -342,19 +342,7 @@ def _heat(
 
 
 def heat_pde(
-    solver: diffrax.AbstractSolver,
-    adjoint: diffrax.AbstractAdjoint,
-    *,
-    dtype=jnp.float64,
-    n: int = 50,
-    t_final: float = 0.1,
-    dt0: float = 1e-4,
-    rtol: float = 1e-6,
-    atol: float = 1e-6,
-    dtmax: float | None = 1e-3,
-    num_saves: int = 11,
-    max_steps: int = 4096,
-    throw: bool = True,
+    solver: diffrax.AbstractSolver, adjoint: diffrax.AbstractAdjoint, **kwargs
 ) -> dict[str, Any]:
     """The docs' nonlinear heat equation `y' = κ (1 - y) Δy` on 50 points of [-1, 1],
     `y(0, x) = x^2`, with their `PIDController(pcoeff=0.3, icoeff=0.4, dtmax=1e-3)`
@@ -365,22 +353,11 @@ def heat_pde(
 
     Symptom with `coupling_parameter=0.999`: the adaptive solve stalls (step after
     step rejected) and stops at `max_steps`.
+
+    Keyword arguments (`dtype`, `n`, `t_final`, `dt0`, `rtol`, `atol`, `dtmax`,
+    `num_saves`, `max_steps`, `throw`) as `_heat`.
     """
-    return _heat(
-        solver,
-        adjoint,
-        nonlinear=True,
-        dtype=dtype,
-        n=n,
-        t_final=t_final,
-        dt0=dt0,
-        rtol=rtol,
-        atol=atol,
-        dtmax=dtmax,
-        num_saves=num_saves,
-        max_steps=max_steps,
-        throw=throw,
-    )
+    return _heat(solver, adjoint, nonlinear=True, **kwargs)
 
 
 def heat_pde_reference(*, dtype=jnp.float64, **kwargs) -> dict[str, Any]:
@@ -390,39 +367,13 @@ def heat_pde_reference(*, dtype=jnp.float64, **kwargs) -> dict[str, Any]:
 
 
 def linear_diffusion(
-    solver: diffrax.AbstractSolver,
-    adjoint: diffrax.AbstractAdjoint,
-    *,
-    dtype=jnp.float64,
-    n: int = 50,
-    t_final: float = 0.1,
-    dt0: float = 1e-4,
-    rtol: float = 1e-6,
-    atol: float = 1e-6,
-    dtmax: float | None = 1e-3,
-    num_saves: int = 11,
-    max_steps: int = 4096,
-    throw: bool = True,
+    solver: diffrax.AbstractSolver, adjoint: diffrax.AbstractAdjoint, **kwargs
 ) -> dict[str, Any]:
     """As `heat_pde`, for the linear diffusion `y' = κ Δy`.
 
     Symptom: the gradient with respect to `κ` is wrong by orders of magnitude.
     """
-    return _heat(
-        solver,
-        adjoint,
-        nonlinear=False,
-        dtype=dtype,
-        n=n,
-        t_final=t_final,
-        dt0=dt0,
-        rtol=rtol,
-        atol=atol,
-        dtmax=dtmax,
-        num_saves=num_saves,
-        max_steps=max_steps,
-        throw=throw,
-    )
+    return _heat(solver, adjoint, nonlinear=False, **kwargs)
 
 
 def linear_diffusion_reference(*, dtype=jnp.float64, **kwargs) -> dict[str, Any]:
