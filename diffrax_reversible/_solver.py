@@ -781,6 +781,11 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
             growth = lax.stop_gradient(solution_growth(z0, z_step))
             # The parasitic mode grows by about `λ e^{decay}`, the solution by
             # `e^{growth}`: balance the two. On `y' = -a y` this is `λ = e^{-2 a h}`.
+            # A solution shrinking faster than the dynamics decay is passing near zero
+            # (noise, a crossing), not decaying: `λ` is then no smaller than
+            # `e^{-2|decay|}`. Else the inverse's `1 / λ` would amplify round-off for
+            # nothing, and `λ` would hang on `log|z0|`, which is ill-conditioned there.
+            growth = jnp.maximum(growth, -jnp.abs(decay))
             # Not differentiated: `λ` is a choice of discretisation, like a step size,
             # and every adjoint then differentiates the same discrete map.
             coupling = auto_coupling((decay - growth) / 2).astype(dtype)
