@@ -116,13 +116,15 @@ def _coupling_at(
 ) -> Float[Array, "*shape"]:
     """The coupling of one step on `y' = a y` with `z = h a`: `"auto"` estimates the
     decay over the step as `-Re z` (its Rayleigh quotient is exactly that on this
-    equation) and the solution's growth as `log|R(z)|`, as `Reversible` does, and
-    takes `auto_coupling` of half their difference (about `-Re z`)."""
+    equation) and the solution's growth as `log|R(z)|` (at least `-|Re z|`), as
+    `Reversible` does, and takes `auto_coupling` of half their difference (about
+    `-Re z`)."""
     real = jnp.real(z)
     coupling = solver.coupling_parameter
     if isinstance(coupling, str):  # `"auto"`: `Reversible` rejects any other string.
-        growth = jnp.log(jnp.abs(stability_function(solver, z)))
-        return auto_coupling((-real - growth.astype(real.dtype)) / 2).astype(real.dtype)
+        growth = jnp.log(jnp.abs(stability_function(solver, z))).astype(real.dtype)
+        growth = jnp.maximum(growth, -jnp.abs(real))  # As `Reversible` bounds it.
+        return auto_coupling((-real - growth) / 2).astype(real.dtype)
     return jnp.broadcast_to(jnp.asarray(coupling, dtype=real.dtype), real.shape)
 
 
