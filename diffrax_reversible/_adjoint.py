@@ -114,17 +114,72 @@ def _closure_convert(fn, t0, y0, args):
     return fn
 
 
-def _closure_convert_vector_fields(terms, t0, y0, args):
-    def is_term_with_vector_field(x):
-        return isinstance(x, (diffrax.ODETerm, diffrax.ControlTerm))
+def _is_term_with_vector_field(x):
+    return isinstance(x, (diffrax.ODETerm, diffrax.ControlTerm))
 
-    def convert(term):
-        if not is_term_with_vector_field(term):
+
+def _shape_structs(tree):
+    return jtu.tree_map(
+        lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree
+    )
+
+
+def _states_seen_by_vector_fields(terms, solver, init_state, args):
+    """The state each vector field of `terms` is called with, as shape structures.
+
+    Not always the whole `y`: `SemiImplicitEuler`, for example, calls each of its two
+    terms with its part of the state. Found by tracing one step, with every vector
+    field wrapped to record its input (`None` for a vector field that is not called).
+    """
+    terms_leaves, treedef = jtu.tree_flatten(terms, is_leaf=_is_term_with_vector_field)
+    seen = [None] * len(terms_leaves)
+
+    def recording(i, fn):
+        def vector_field(t, y, args):
+            if seen[i] is None:
+                seen[i] = _shape_structs(y)
+            return fn(t, y, args)
+
+        return vector_field
+
+    recording_leaves = [
+        eqx.tree_at(lambda x: x.vector_field, term, recording(i, term.vector_field))
+        if _is_term_with_vector_field(term)
+        else term
+        for i, term in enumerate(terms_leaves)
+    ]
+    recording_terms = jtu.tree_unflatten(treedef, recording_leaves)
+    jax.eval_shape(
+        lambda: solver.step(
+            recording_terms,
+            init_state.tprev,
+            init_state.tnext,
+            init_state.y,
+            args,
+            init_state.solver_state,
+            init_state.made_jump,
+        )
+    )
+    return jtu.tree_unflatten(treedef, seen)
+
+
+def _closure_convert_vector_fields(terms, solver, init_state, args):
+    seen = _states_seen_by_vector_fields(terms, solver, init_state, args)
+
+    def convert(term, y):
+        if not _is_term_with_vector_field(term):
             return term
-        vector_field = _closure_convert(term.vector_field, t0, y0, args)
+        y = init_state.y if y is None else y
+        vector_field = _closure_convert(term.vector_field, init_state.tprev, y, args)
         return eqx.tree_at(lambda x: x.vector_field, term, vector_field)
 
-    return jtu.tree_map(convert, terms, is_leaf=is_term_with_vector_field)
+    # `seen` has a leaf (a state, or `None`) where `terms` has a term.
+    return jtu.tree_map(
+        convert,
+        terms,
+        seen,
+        is_leaf=_is_term_with_vector_field,
+    )
 
 
 def _closure_convert_saveat_fns(saveat, t0, y0, args):
@@ -197,9 +252,19 @@ def _step_times_are_differentiable(controller) -> bool:
     return type(controller) in (diffrax.ConstantStepSize, diffrax.StepTo)
 
 
-def _step_end_time(controller, k, recorded_end, t0, t1, dt0, num_steps):
+def _split_step_ts(controller):
+    """`StepTo.ts` as an input of its own, to be differentiated like `t0` and `t1`
+    (every step time is one of them), and the controller without its gradient."""
+    if type(controller) is not diffrax.StepTo:
+        return controller, None
+    step_ts = controller.ts
+    return eqx.tree_at(lambda c: c.ts, controller, lax.stop_gradient(step_ts)), step_ts
+
+
+def _step_end_time(controller, k, recorded_end, t0, t1, dt0, step_ts, num_steps):
     """The end of accepted step `k` as Diffrax computes it, as a differentiable function
-    of `t0`, `t1` and `dt0`, for the controllers of `_step_times_are_differentiable`."""
+    of `t0`, `t1`, `dt0` and `StepTo.ts` (`step_ts`), for the controllers of
+    `_step_times_are_differentiable`."""
     if type(controller) is diffrax.ConstantStepSize:
         dtype = jnp.result_type(t0)
         fraction = (k + 1).astype(dtype) / num_steps.astype(dtype)
@@ -211,7 +276,7 @@ def _step_end_time(controller, k, recorded_end, t0, t1, dt0, num_steps):
         )
         first = t0 + dt0
     else:
-        later = lax.stop_gradient(recorded_end)
+        later = step_ts[k + 1]
         first = later
     first = jnp.minimum(first, t1)
     # Diffrax snaps the end of the last step to `t1` exactly.
@@ -285,7 +350,7 @@ def _recording_while_loop(
 
 def _forward_loop(diff_inputs, *, self, init_state, outer_while_loop, **kwargs):
     # Not differentiated (the custom VJP supplies the gradient), so plain loops.
-    y0, z0, args, terms, saveat, (t0, t1, dt0), event = diff_inputs
+    y0, z0, args, terms, saveat, (t0, t1, dt0), event, _ = diff_inputs
     init_state = eqx.tree_at(
         lambda s: (s.y, s.solver_state), init_state, (y0, z0), is_leaf=is_none
     )
@@ -311,8 +376,8 @@ def _loop_reversible(diff_inputs, **kwargs):
 
 
 def _times_perturbed(perturbed) -> bool:
-    *_, times, _ = perturbed
-    return any(jtu.tree_leaves(times))
+    *_, times, _, step_ts = perturbed
+    return any(jtu.tree_leaves((times, step_ts)))
 
 
 class _Residuals(eqx.Module):
@@ -391,7 +456,7 @@ def _loop_reversible_fwd(
         controller_num_steps=controller_num_steps,
         event_mask=final_state.event_mask,
         event_time=_event_time(
-            diff_inputs[-1],
+            diff_inputs[6],
             jtu.tree_leaves(diff_inputs[4].subs, is_leaf=_is_subsaveat),
             save_states,
             final_state.tprev,
@@ -532,7 +597,7 @@ def _loop_reversible_bwd(
 ):
     del kwargs
     grad_final_state, _ = grad_final_state__aux_stats
-    y0, z0, args, terms, saveat, (t0, t1, dt0), event = diff_inputs
+    y0, z0, args, terms, saveat, (t0, t1, dt0), event, step_ts = diff_inputs
     with_step_times = _times_perturbed(perturbed)
     record = residuals.record
     num_steps = residuals.num_steps
@@ -598,12 +663,14 @@ def _loop_reversible_bwd(
             t1_event_cotangents[i] = _where_tree(event_happened, cotangent)
             cotangent = _where_tree(jnp.invert(event_happened), cotangent)
         cotangent, time_cotangent = cotangent
-        t_bar, y_final_bar, args_bar_i, fn_bar = _pull_back_save(
-            out.sub.fn, t1, y_final, args, cotangent
-        )
-        # Saved at `min(end of the last step, t1)` (without steps: at `t0`).
-        t_bar = t_bar + time_cotangent
+        # Saved at `min(end of the last step, t1)` (without steps: at `t0`): before
+        # `t1` where an event without a root finder stopped the solve.
         last_end = record.ends[jnp.maximum(num_steps - 1, 0)]
+        t_saved = jnp.where(num_steps > 0, jnp.minimum(last_end, t1), t0)
+        t_bar, y_final_bar, args_bar_i, fn_bar = _pull_back_save(
+            out.sub.fn, t_saved, y_final, args, cotangent
+        )
+        t_bar = t_bar + time_cotangent
         to_t1 = _tie_share((num_steps > 0) & (last_end == t1), t_bar)
         t1_bar = t1_bar + to_t1
         last_end_bar = last_end_bar + t_bar - to_t1
@@ -703,7 +770,9 @@ def _loop_reversible_bwd(
             save_bars,
         )
 
-    def reverse_step(k, y1, z1, y1_bar, z1_bar, dense_info_cotangent):
+    def reverse_step(
+        k, step_t0, step_t1, y1, z1, y1_bar, z1_bar, dense_info_cotangent
+    ):
         if type(solver) is Reversible:
             undo_step = solver.reverse_step
         else:
@@ -713,8 +782,8 @@ def _loop_reversible_bwd(
             )
         return undo_step(
             terms,
-            step_start(k),
-            record.ends[k],
+            step_t0,
+            step_t1,
             y1,
             z1,
             args,
@@ -758,9 +827,12 @@ def _loop_reversible_bwd(
     def body(carry):
         k, (y1, z1), (y1_bar, z1_bar), args_bar, terms_bar, *rest = carry
         pointers, save_bars, times, max_error, checkpoint_pointer = rest
-        t0_bar, t1_bar, dt0_bar, end_bar = times
-        step_t0 = step_start(k)
-        step_t1 = record.ends[k]
+        t0_bar, t1_bar, dt0_bar, end_bar, step_ts_bar = times
+        # Under `vmap` the loop runs on for the elements that are done (`k < 0`), and
+        # discards what they compute. They redo step 0: a step within `[t0, t1]`, where
+        # the terms (a Brownian path) can be evaluated.
+        step_t0 = step_start(jnp.maximum(k, 0))
+        step_t1 = record.ends[jnp.maximum(k, 0)]
         prev_end = jnp.where(k > 0, record.ends[k - 1], -jnp.inf)
         save_bars = list(save_bars)
 
@@ -824,6 +896,8 @@ def _loop_reversible_bwd(
 
         (y0, z0), cotangents, aux = reverse_step(
             k,
+            step_t0,
+            step_t1,
             y1,
             z1,
             y1_bar,
@@ -849,27 +923,31 @@ def _loop_reversible_bwd(
             t1_bar = t1_bar + to_t1
             end_bar = end_bar + saved_time_bar - to_t1
             _, pull_back_end = jax.vjp(
-                lambda t0, t1, dt0: _step_end_time(
+                lambda t0, t1, dt0, step_ts: _step_end_time(
                     stepsize_controller,
                     k,
                     step_t1,
                     t0,
                     t1,
                     dt0,
+                    step_ts,
                     residuals.controller_num_steps,
                 ),
                 t0,
                 t1,
                 dt0,
+                step_ts,
             )
-            t0_bar_e, t1_bar_e, dt0_bar_e = pull_back_end(end_bar)
+            t0_bar_e, t1_bar_e, dt0_bar_e, step_ts_bar_e = pull_back_end(end_bar)
             t0_bar = t0_bar + t0_bar_e
             t1_bar = t1_bar + t1_bar_e
             if dt0 is not None:
                 dt0_bar = dt0_bar + dt0_bar_e
+            if step_ts is not None:
+                step_ts_bar = step_ts_bar + step_ts_bar_e
             # The start of this step is the end of the previous one (or `t0`).
             end_bar = t0_bar_k
-        times = (t0_bar, t1_bar, dt0_bar, end_bar)
+        times = (t0_bar, t1_bar, dt0_bar, end_bar, step_ts_bar)
         if checkpoints is not None:
             # Restart the reconstruction from the stored state: drift is bounded by
             # the steps between checkpoints, and measured at every checkpoint.
@@ -909,7 +987,13 @@ def _loop_reversible_bwd(
         terms_bar,
         pointers,
         tuple(save_bars),
-        (t0_bar, t1_bar, dt0_bar, last_end_bar),
+        (
+            t0_bar,
+            t1_bar,
+            dt0_bar,
+            last_end_bar,
+            None if step_ts is None else jnp.zeros_like(step_ts),
+        ),
         jnp.zeros((), _error_dtype()),
         first_pointer(checkpoints),
     )
@@ -926,7 +1010,7 @@ def _loop_reversible_bwd(
             also_scale=y_final,
         ),
     )
-    t0_bar, t1_bar, dt0_bar, start_bar = times
+    t0_bar, t1_bar, dt0_bar, start_bar, step_ts_bar = times
     t0_bar = t0_bar + start_bar
     save_bars = list(save_bars)
     if grad_dense_ts is not None:
@@ -971,7 +1055,16 @@ def _loop_reversible_bwd(
         (t0, t1, dt0),
         is_leaf=is_none,
     )
-    grads = (y_bar, z_bar, args_bar, terms_bar, saveat_bar, times_bar, event_bar)
+    grads = (
+        y_bar,
+        z_bar,
+        args_bar,
+        terms_bar,
+        saveat_bar,
+        times_bar,
+        event_bar,
+        step_ts_bar,
+    )
     return _report_reconstruction_error(
         self, max_error, grads, y0, (y_final, residuals.z_final)
     )
@@ -1256,6 +1349,8 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
         )
         y0 = init_state.y
         z0 = init_state.solver_state
+        # Before `init_state` loses its solver state to the backward pass's own.
+        terms = _closure_convert_vector_fields(terms, solver, init_state, args)
         if passed_controller_state:
             controller_fn = ft.partial(
                 eqxi.nondifferentiable,
@@ -1288,7 +1383,6 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
             ),
             is_leaf=is_none,
         )
-        terms = _closure_convert_vector_fields(terms, t0, y0, args)
         saveat = _closure_convert_saveat_fns(saveat, t0, y0, args)
         event = _closure_convert_event(
             event,
@@ -1297,8 +1391,9 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
                 terms, solver, t0, t1, dt0, saveat, stepsize_controller, max_steps
             ),
         )
+        stepsize_controller, step_ts = _split_step_ts(stepsize_controller)
         final_state, aux_stats = _loop_reversible(
-            (y0, z0, args, terms, saveat, (t0, t1, dt0), event),
+            (y0, z0, args, terms, saveat, (t0, t1, dt0), event, step_ts),
             self=self,
             solver=solver,
             stepsize_controller=eqxi.nondifferentiable(

@@ -308,6 +308,54 @@ def test_event_time_gradient_through_closure_and_fn():
     assert float(jnp.abs(grads[1])) > 0
 
 
+@pytest.mark.parametrize("event", ["boolean", "real-without-root-finder"])
+def test_event_without_root_finder_and_time_dependent_fn(event):
+    # Without a root finder the solve stops at the end of the step in which the event
+    # triggers, before `t1`; the output "at `t1`" is `fn` there. Its cotangent was
+    # pulled back through `fn` at `t1` itself: wrong whenever `fn` depends on `t`.
+    def loss(adjoint, y0, args):
+        event_spec = _EVENTS[event]
+        sol = _solve(
+            adjoint,
+            y0=y0,
+            args=args,
+            t1=5.0,
+            dt0=0.05,
+            max_steps=256,
+            event=diffrax.Event(event_spec["cond_fn"], root_finder=None),
+            saveat=diffrax.SaveAt(t1=True, fn=lambda t, y, args: t * y),
+        )
+        return _finite_sum_of_squares(sol.ys) + _finite_sum_of_squares(sol.ts)
+
+    _check_against_recursive_checkpoint(loss, _Y0, _ARGS)
+
+
+def test_step_to_gradients_with_respect_to_its_times():
+    # Gradients through `StepTo.ts` (and through `t1` in `StepTo(linspace(t0, t1))`)
+    # raised a `RuntimeError` while differentiating; every step time is one of `ts`.
+    def loss(adjoint, ts, y0, args):
+        sol = _solve(
+            adjoint,
+            y0=y0,
+            args=args,
+            t0=ts[0],
+            t1=ts[-1],
+            dt0=None,
+            stepsize_controller=diffrax.StepTo(ts),
+            saveat=diffrax.SaveAt(ts=_TS, steps=True, t1=True),
+        )
+        return _finite_sum_of_squares(sol.ys) + _finite_sum_of_squares(sol.ts)
+
+    ts = jnp.array([0.0, 0.1, 0.25, 0.5, 0.6, 0.9, 1.2, 1.5, 1.8, 2.0])
+    grads = _check_against_recursive_checkpoint(loss, ts, _Y0, _ARGS)
+    assert float(jnp.max(jnp.abs(grads[0][1:-1]))) > 0
+
+    def loss_t1(adjoint, t1, y0, args):
+        return loss(adjoint, jnp.linspace(0.0, t1, 21), y0, args)
+
+    _check_against_recursive_checkpoint(loss_t1, jnp.array(2.0), _Y0, _ARGS)
+
+
 def test_event_under_vmap():
     # Some batch elements hit the event, others do not; each against its own reference.
     y0s = jnp.array([[1.0, 0.5], [0.2, 0.0], [3.0, -1.0]])
@@ -409,6 +457,39 @@ def test_semi_implicit_euler():
 
     _check_against_recursive_checkpoint(
         loss, jnp.array(1.0), jnp.array(0.5), _ARGS, jnp.array(2.0)
+    )
+
+
+def test_semi_implicit_euler_with_closures_over_a_network():
+    # Each term is called with its own part of the state; the closures (over `mlp`)
+    # were traced with the whole `(q, p)`, and `-(a**2) * q` raised a `TypeError`.
+    mlp = eqx.nn.MLP(1, 1, 8, 1, jnp.tanh, key=jax.random.PRNGKey(0))
+    mlp_params, mlp_static = eqx.partition(mlp, eqx.is_inexact_array)
+
+    def loss(adjoint, mlp_params, q0, p0, a):
+        network = eqx.combine(mlp_params, mlp_static)
+        terms = (
+            diffrax.ODETerm(lambda t, p, args: p),
+            diffrax.ODETerm(
+                lambda t, q, args: -(args**2) * q + 0.3 * network(q[None])[0]
+            ),
+        )
+        sol = diffrax.diffeqsolve(
+            terms,
+            diffrax.SemiImplicitEuler(),
+            0.0,
+            1.5,
+            0.05,
+            (q0, p0),
+            a,
+            saveat=diffrax.SaveAt(ts=_TS[_TS <= 1.5], t1=True),
+            adjoint=adjoint,
+            max_steps=64,
+        )
+        return _finite_sum_of_squares(sol.ys)
+
+    _check_against_recursive_checkpoint(
+        loss, mlp_params, jnp.array(1.0), jnp.array(0.5), jnp.array(1.2)
     )
 
 

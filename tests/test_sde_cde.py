@@ -78,6 +78,61 @@ def test_sde_gradients_match_recursive_checkpoint(base, controller, diagonal):
     assert rel_error(grads, ref_grads) < grad_tol(jnp.float64)
 
 
+def test_adaptive_sde_under_vmap_with_step_and_jump_times():
+    # Under `vmap` the backward loop runs on for the elements that are done; they
+    # evaluated the Brownian path at the unwritten end of the step record (`inf`):
+    # "Cannot evaluate VirtualBrownianTree outside of its range".
+    brownian = _brownian(jr.PRNGKey(5678))
+    controller = diffrax.ClipStepSizeController(
+        diffrax.PIDController(rtol=1e-3, atol=1e-4), step_ts=[0.3], jump_ts=[0.6]
+    )
+    ts = jnp.linspace(0.0, 1.0, 6)
+
+    def solve(y0, args, adjoint, stepsize_controller, dt0=0.05):
+        saveat = diffrax.SaveAt(
+            subs=[diffrax.SubSaveAt(ts=ts), diffrax.SubSaveAt(steps=True)]
+        )
+        return diffrax.diffeqsolve(
+            _sde_terms(brownian, diagonal=True),
+            dr.Reversible(diffrax.Heun()),
+            0.0,
+            1.0,
+            dt0,
+            y0,
+            args,
+            saveat=saveat,
+            stepsize_controller=stepsize_controller,
+            adjoint=adjoint,
+            max_steps=4096,
+        )
+
+    def loss(y0, args, adjoint, stepsize_controller, dt0=0.05):
+        sol = solve(y0, args, adjoint, stepsize_controller, dt0)
+        return jnp.sum(sol.ys[0] ** 2)
+
+    y0s = jnp.array([[1.0, 0.5], [0.2, -1.0], [2.0, 1.0]])
+    args = (jnp.array(0.7), jnp.array(0.4))
+    adjoint = dr.ReversibleAdjoint()
+    batched = lambda y0s, args: jnp.sum(
+        jax.vmap(lambda y0: loss(y0, args, adjoint, controller))(y0s)
+    )
+    ours = jax.jit(jax.grad(batched, argnums=(0, 1)))(y0s, args)
+    # Reference: each element's own solve on `StepTo` at the step times it took (an
+    # adaptive SDE solve's step times are sensitive to round-off, see README).
+    step_times = jax.jit(
+        jax.vmap(lambda y0: solve(y0, args, adjoint, controller).ts[1])
+    )(y0s)
+    ref_y0s, ref_args = [], jax.tree_util.tree_map(jnp.zeros_like, args)
+    for y0, times in zip(y0s, np.asarray(step_times)):
+        step_to = diffrax.StepTo(jnp.concatenate([jnp.zeros(1), times[np.isfinite(times)]]))
+        ref = jax.grad(loss, argnums=(0, 1))(
+            y0, args, diffrax.RecursiveCheckpointAdjoint(), step_to, None
+        )
+        ref_y0s.append(ref[0])
+        ref_args = jax.tree_util.tree_map(jnp.add, ref_args, ref[1])
+    assert rel_error(ours, (jnp.stack(ref_y0s), ref_args)) < 1e-8
+
+
 def _gbm_strong_error(base, dt, num_paths=64):
     # Geometric Brownian motion in Stratonovich form, dX = μX dt + σX∘dW: its exact
     # solution on the same Brownian path is X0 exp(μt + σW_t).
