@@ -29,9 +29,9 @@ from ._solver import Reversible, UNSTABLE_COUPLING_MESSAGE
 
 _CONTROLLER_NONDIFFERENTIABLE = (
     "`adjoint=ReversibleAdjoint()` does not support gradients with respect to the "
-    "step size controller (for example `StepTo(ts=...)` or "
-    "`ClipStepSizeController(step_ts=..., jump_ts=...)`). Consider "
-    "`adjoint=diffrax.RecursiveCheckpointAdjoint()` for those."
+    "arrays of a step size controller other than `StepTo(ts=...)` (for example "
+    "`ClipStepSizeController(step_ts=..., jump_ts=...)`, or `PIDController` "
+    "tolerances). Consider `adjoint=diffrax.RecursiveCheckpointAdjoint()` for those."
 )
 
 
@@ -250,6 +250,23 @@ def _step_times_are_differentiable(controller) -> bool:
     # The step times of these are closed-form functions of `t0`, `t1`, `dt0`; an
     # adaptive controller's depend on its whole history of accepted and rejected steps.
     return type(controller) in (diffrax.ConstantStepSize, diffrax.StepTo)
+
+
+def _refuse_gradients(tree, message):
+    """Identity, which raises `ValueError(message)` when differentiated: while JAX
+    traces the derivative, before anything runs (`eqxi.nondifferentiable` raises a
+    `RuntimeError`)."""
+    dynamic, static = eqx.partition(tree, eqx.is_array)
+
+    @jax.custom_jvp
+    def identity(dynamic):
+        return dynamic
+
+    @identity.defjvp
+    def _(primals, tangents):
+        raise ValueError(message)
+
+    return eqx.combine(identity(dynamic), static)
 
 
 def _split_step_ts(controller):
@@ -1396,8 +1413,8 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
             (y0, z0, args, terms, saveat, (t0, t1, dt0), event, step_ts),
             self=self,
             solver=solver,
-            stepsize_controller=eqxi.nondifferentiable(
-                stepsize_controller, msg=_CONTROLLER_NONDIFFERENTIABLE
+            stepsize_controller=_refuse_gradients(
+                stepsize_controller, _CONTROLLER_NONDIFFERENTIABLE
             ),
             max_steps=max_steps,
             init_state=init_state,
