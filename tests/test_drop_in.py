@@ -313,20 +313,8 @@ def test_event_without_root_finder_and_time_dependent_fn(event):
     # Without a root finder the solve stops at the end of the step in which the event
     # triggers, before `t1`; the output "at `t1`" is `fn` there. Its cotangent was
     # pulled back through `fn` at `t1` itself: wrong whenever `fn` depends on `t`.
-    def loss(adjoint, y0, args):
-        event_spec = _EVENTS[event]
-        sol = _solve(
-            adjoint,
-            y0=y0,
-            args=args,
-            t1=5.0,
-            dt0=0.05,
-            max_steps=256,
-            event=diffrax.Event(event_spec["cond_fn"], root_finder=None),
-            saveat=diffrax.SaveAt(t1=True, fn=lambda t, y, args: t * y),
-        )
-        return _finite_sum_of_squares(sol.ys) + _finite_sum_of_squares(sol.ts)
-
+    saveat = diffrax.SaveAt(t1=True, fn=lambda t, y, args: t * y)
+    loss = _event_loss(_EVENTS[event]["cond_fn"], root_finder=False, saveat=saveat)
     _check_against_recursive_checkpoint(loss, _Y0, _ARGS)
 
 
