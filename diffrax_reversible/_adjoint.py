@@ -440,6 +440,18 @@ def _loop_reversible_fwd(
             "For time gradients with adaptive steps, consider "
             "`adjoint=diffrax.RecursiveCheckpointAdjoint()`."
         )
+    if (
+        _times_perturbed(perturbed)
+        and type(stepsize_controller) is diffrax.StepTo
+        and type(kwargs["solver"]) is diffrax.LeapfrogMidpoint
+    ):
+        # Found by the randomized tests (seed 31337, case 98): 9% off. Not yet fixed.
+        raise ValueError(
+            "`adjoint=ReversibleAdjoint()` does not yet support gradients with respect "
+            "to the step times of `StepTo` (or `t0`, `t1` through them) with "
+            "`LeapfrogMidpoint`. Consider `ConstantStepSize`, or "
+            "`adjoint=diffrax.RecursiveCheckpointAdjoint()`."
+        )
     records = []
     record_starts = not _steps_are_contiguous(stepsize_controller)
     final_state, aux_stats = _forward_loop(
