@@ -109,7 +109,7 @@ def _closure_convert(fn, t0, y0, args):
     """A custom VJP differentiates only its explicit inputs. A function such as
     `lambda t, y, args: model(y)` closes over `model`; turning the closure into a pytree
     makes `model`'s arrays explicit inputs, so they get gradients."""
-    if isinstance(fn, types.FunctionType) and fn.__closure__:
+    if _is_closure(fn):
         return eqx.filter_closure_convert(fn, t0, y0, args)
     return fn
 
@@ -163,7 +163,17 @@ def _states_seen_by_vector_fields(terms, solver, init_state, args):
     return jtu.tree_unflatten(treedef, seen)
 
 
+def _is_closure(fn) -> bool:
+    return isinstance(fn, types.FunctionType) and bool(fn.__closure__)
+
+
 def _closure_convert_vector_fields(terms, solver, init_state, args):
+    term_leaves = jtu.tree_leaves(terms, is_leaf=_is_term_with_vector_field)
+    if not any(
+        _is_term_with_vector_field(term) and _is_closure(term.vector_field)
+        for term in term_leaves
+    ):
+        return terms  # Nothing to convert: skip tracing a step.
     seen = _states_seen_by_vector_fields(terms, solver, init_state, args)
 
     def convert(term, y):
