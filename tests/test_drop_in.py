@@ -233,6 +233,38 @@ def test_time_gradients_step_to():
     _check_against_recursive_checkpoint(loss, jnp.array(0.0), jnp.array(2.0), _TS)
 
 
+@pytest.mark.parametrize(
+    "solver",
+    [
+        diffrax.ReversibleHeun(),
+        diffrax.LeapfrogMidpoint(),
+        dr.Reversible(diffrax.Heun()),
+    ],
+    ids=lambda s: type(s).__name__,
+)
+def test_time_gradients_under_vmap_are_not_multiplied_by_the_batch_size(solver):
+    # Seed 31337, case 98 of the randomized tests. With step times that do not depend
+    # on the state, the saved times are the same for every batch element; the
+    # reference is each element solved on its own, summed (Diffrax's
+    # `RecursiveCheckpointAdjoint` under `vmap` is itself off here).
+    y0s = jnp.array([[1.0, 0.5], [0.3, -0.2], [2.0, 0.1]])
+
+    def solve(adjoint, t1, y0):
+        saveat = diffrax.SaveAt(t1=True, steps=True, fn=lambda t, y, args: y * t)
+        sol = _solve(adjoint, y0=y0, t1=t1, dt0=t1 / 5, saveat=saveat, solver=solver)
+        return _finite_sum_of_squares(sol.ys) + jnp.sum(jnp.sin(sol.ts))
+
+    def batched(t1):
+        return jnp.sum(jax.vmap(ft.partial(solve, dr.ReversibleAdjoint(), t1))(y0s))
+
+    def one_by_one(t1):
+        adjoint = diffrax.RecursiveCheckpointAdjoint()
+        return sum(solve(adjoint, t1, y0) for y0 in y0s)
+
+    t1 = jnp.array(2.0)
+    _assert_grads_close(jax.grad(batched)(t1), jax.grad(one_by_one)(t1))
+
+
 def test_time_gradients_zero_length_interval():
     def loss(adjoint, y0, t0, t1, ts):
         saveat = diffrax.SaveAt(t0=True, ts=ts, t1=True)
