@@ -57,8 +57,9 @@ def _check_supported(
         raise ValueError(
             f"`adjoint=ReversibleAdjoint()` needs an algebraically reversible solver, "
             f"but got `solver={name}(...)`. Wrap it as `solver=Reversible({name}())`, "
-            "or use one of Diffrax's own reversible solvers: `ReversibleHeun`, "
-            "`LeapfrogMidpoint`, `SemiImplicitEuler`."
+            "or use one of Diffrax's own reversible solvers: "
+            + ", ".join(f"`{s.__name__}`" for s in NATIVE_REVERSIBLE_SOLVERS)
+            + "."
         )
     if type(solver) is diffrax.ReversibleHeun and not _steps_are_contiguous(
         stepsize_controller
@@ -652,6 +653,7 @@ def _loop_reversible_bwd(
     y0, z0, args, terms, saveat, (t0, t1, dt0), event, step_ts = diff_inputs
     with_step_times = _times_perturbed(perturbed)
     record = residuals.record
+    checkpoints = record.checkpoints
     num_steps = residuals.num_steps
     time_dtype = jnp.result_type(t0)
     zero_time = jnp.zeros((), time_dtype)
@@ -802,8 +804,15 @@ def _loop_reversible_bwd(
             (t0, t1, dt0),
         )
         slope = pull_back_root(jnp.ones((), jnp.result_type(t_event)))[0]
-        slope = jnp.where(slope == 0, 1, slope)
-        _, *root_bars = pull_back_root(-t_bar / slope)
+        # The event time of a tangential crossing (zero slope) has no derivative: NaN,
+        # unless nothing depends on it (no event, or a zero cotangent).
+        tangential = slope == 0
+        event_time_bar = jnp.where(
+            tangential,
+            jnp.where(t_bar == 0, 0.0, jnp.nan).astype(t_bar.dtype),
+            -t_bar / jnp.where(tangential, 1, slope),
+        )
+        _, *root_bars = pull_back_root(event_time_bar)
         info_root_bar, times_root_bar, args_root_bar, terms_bar, event_bar, kw_bar = (
             root_bars
         )
@@ -1030,7 +1039,6 @@ def _loop_reversible_bwd(
         residuals.ts_saved[i] if outputs[i].num_ts else jnp.zeros((), jnp.int32)
         for i in range(len(outputs))
     )
-    checkpoints = record.checkpoints
     init = (
         num_steps - 1,
         (y_final, residuals.z_final),
