@@ -1,6 +1,7 @@
 import importlib.metadata
 
 from ._adjoint import ReversibleAdjoint as ReversibleAdjoint
+from ._reversible_solver import AbstractReversibleSolver as AbstractReversibleSolver
 from ._solver import Reversible as Reversible
 from ._stability import (
     check_stability as check_stability,

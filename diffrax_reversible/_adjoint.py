@@ -23,7 +23,12 @@ from ._checkpoints import (
 )
 from ._diffrax_internals import is_unsafe_sde, SaveState
 from ._misc import is_none, tree_add
-from ._native import native_reverse_step, NATIVE_REVERSIBLE_SOLVERS
+from ._native import (
+    is_invertible,
+    NATIVE_REVERSIBLE_SOLVERS,
+    reverse_step_by_inverse,
+)
+from ._reversible_solver import AbstractReversibleSolver
 from ._solver import Reversible, UNSTABLE_COUPLING_MESSAGE
 
 
@@ -52,14 +57,15 @@ def _save_states(state) -> list[SaveState]:
 def _check_supported(
     *, solver, terms, saveat, stepsize_controller, event, max_steps, checkpoint_every
 ) -> None:
-    if type(solver) is not Reversible and type(solver) not in NATIVE_REVERSIBLE_SOLVERS:
+    if type(solver) is not Reversible and not is_invertible(solver):
         name = type(solver).__name__
         raise ValueError(
             f"`adjoint=ReversibleAdjoint()` needs an algebraically reversible solver, "
             f"but got `solver={name}(...)`. Wrap it as `solver=Reversible({name}())`, "
-            "or use one of Diffrax's own reversible solvers: "
+            "use one of Diffrax's own reversible solvers ("
             + ", ".join(f"`{s.__name__}`" for s in NATIVE_REVERSIBLE_SOLVERS)
-            + "."
+            + "), or write one as a subclass of "
+            "`diffrax_reversible.AbstractReversibleSolver`."
         )
     if type(solver) is diffrax.ReversibleHeun and not _steps_are_contiguous(
         stepsize_controller
@@ -69,6 +75,15 @@ def _check_supported(
             "not support `ClipStepSizeController(jump_ts=...)`: after a jump it "
             "re-evaluates its vector field from the state, which cannot be undone. "
             "Consider `solver=Reversible(diffrax.Heun())`."
+        )
+    if isinstance(solver, AbstractReversibleSolver) and not _steps_are_contiguous(
+        stepsize_controller
+    ):
+        raise ValueError(
+            f"`solver={type(solver).__name__}()` with `adjoint=ReversibleAdjoint()` "
+            "does not support `ClipStepSizeController(jump_ts=...)`: the backward "
+            "pass differentiates `step` with `made_jump=False`. Consider "
+            "`adjoint=diffrax.RecursiveCheckpointAdjoint()`."
         )
     if checkpoint_every == "auto" and type(solver) is not Reversible:
         raise ValueError(
@@ -837,10 +852,8 @@ def _loop_reversible_bwd(
         if type(solver) is Reversible:
             undo_step = solver.reverse_step
         else:
-            previous_start = step_start(jnp.maximum(k - 1, 0))
-            undo_step = ft.partial(
-                native_reverse_step, solver, previous_start=previous_start
-            )
+            t_before = step_start(jnp.maximum(k - 1, 0))
+            undo_step = ft.partial(reverse_step_by_inverse, solver, t_before=t_before)
         return undo_step(
             terms,
             step_t0,

@@ -1,5 +1,7 @@
-"""Closed-form inverses of Diffrax's own algebraically reversible solvers, so that
-[`diffrax_reversible.ReversibleAdjoint`][] can use them without a wrapper."""
+"""The backward step of a solver with a closed-form inverse: an
+[`diffrax_reversible.AbstractReversibleSolver`][], or one of Diffrax's own reversible
+solvers (whose inverses are here, so that [`diffrax_reversible.ReversibleAdjoint`][]
+can use them without a wrapper)."""
 
 from collections.abc import Callable
 from typing import Any
@@ -10,6 +12,7 @@ from equinox.internal import ω
 from jaxtyping import PyTree
 
 from ._custom_types import Args, DenseInfo, RealScalarLike, Y
+from ._reversible_solver import AbstractReversibleSolver
 
 
 NATIVE_REVERSIBLE_SOLVERS = (
@@ -19,8 +22,8 @@ NATIVE_REVERSIBLE_SOLVERS = (
 )
 
 
-def _invert_reversible_heun(terms, t0, t1, tm1, y1, state1, args):
-    del tm1
+def _invert_reversible_heun(terms, t0, t1, y1, args, state1, t_before):
+    del t_before
     # Forward: yhat1 = 2 y0 - yhat0 + f0 dt; y1 = y0 + (f0 + f1) dt / 2; f1 = f(yhat1).
     yhat1, vf1 = state1
     control = terms.contr(t0, t1)
@@ -30,17 +33,17 @@ def _invert_reversible_heun(terms, t0, t1, tm1, y1, state1, args):
     return y0, (yhat0, vf0)
 
 
-def _invert_leapfrog_midpoint(terms, t0, t1, tm1, y1, state1, args):
+def _invert_leapfrog_midpoint(terms, t0, t1, y1, args, state1, t_before):
     # Forward: y1 = y_{-1} + f(t0, y0) (t1 - t_{-1}); the state after the step is
-    # (t0, y0), and `tm1` is where the previous step started.
+    # (t0, y0), and `t_before` = t_{-1} is where the previous step started.
     _, y0 = state1
-    control = terms.contr(tm1, t1)
+    control = terms.contr(t_before, t1)
     ym1 = (y1**ω - terms.vf_prod(t0, y0, args, control) ** ω).ω
-    return y0, (tm1, ym1)
+    return y0, (t_before, ym1)
 
 
-def _invert_semi_implicit_euler(terms, t0, t1, tm1, y1, state1, args):
-    del tm1, state1
+def _invert_semi_implicit_euler(terms, t0, t1, y1, args, state1, t_before):
+    del t_before, state1
     term_1, term_2 = terms
     y1_1, y1_2 = y1
     y0_2 = (y1_2**ω - term_2.vf_prod(t0, y1_1, args, term_2.contr(t0, t1)) ** ω).ω
@@ -55,7 +58,21 @@ _INVERSES = {
 }
 
 
-def native_reverse_step(
+def is_invertible(solver: diffrax.AbstractSolver) -> bool:
+    """Whether `solver`'s steps can be undone by `reverse_step_by_inverse`."""
+    return (
+        isinstance(solver, AbstractReversibleSolver)
+        or type(solver) in NATIVE_REVERSIBLE_SOLVERS
+    )
+
+
+def _backward_step(solver, terms, t0, t1, y1, args, state1, t_before):
+    if isinstance(solver, AbstractReversibleSolver):
+        return solver.backward_step(terms, t0, t1, y1, args, state1, t_before)
+    return _INVERSES[type(solver)](terms, t0, t1, y1, args, state1, t_before)
+
+
+def reverse_step_by_inverse(
     solver: diffrax.AbstractSolver,
     terms: PyTree[diffrax.AbstractTerm],
     t0: RealScalarLike,
@@ -68,19 +85,17 @@ def native_reverse_step(
     dense_info_cotangent: Callable[[DenseInfo], tuple[DenseInfo, Any]] | None,
     time_cotangents: bool = False,
     *,
-    previous_start: RealScalarLike,
+    t_before: RealScalarLike,
 ):
-    """As [`diffrax_reversible.Reversible.reverse_step`][], for one of
-    `NATIVE_REVERSIBLE_SOLVERS`: undo the step in closed form, then take the
+    """As [`diffrax_reversible.Reversible.reverse_step`][], for a solver of
+    `is_invertible`: undo the step by its closed-form inverse, then take the
     vector-Jacobian product of the solver's own `step` at the recovered start.
 
-    `previous_start` is where the previous step started (where this one starts, for
-    the first step); only `LeapfrogMidpoint` uses it.
+    `t_before` is where the previous step started (where this one starts, for the
+    first step).
     """
-    invert = _INVERSES[type(solver)]
-    y0, state0 = invert(terms, t0, t1, previous_start, y1, state1, args)
+    y0, state0 = _backward_step(solver, terms, t0, t1, y1, args, state1, t_before)
     dense = dense_info_cotangent is not None
-
     times = (t0, t1) if time_cotangents else None
 
     def step(y0, state0, args, terms, times):

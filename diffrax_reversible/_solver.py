@@ -16,7 +16,7 @@ from jaxtyping import ArrayLike, PyTree
 from ._custom_types import Args, BoolScalarLike, DenseInfo, RealScalarLike, VF, Y
 from ._diffrax_internals import is_sde, linear_rescale
 from ._misc import is_none, tree_add
-from ._native import NATIVE_REVERSIBLE_SOLVERS
+from ._native import is_invertible
 
 
 class _ReversibleState(eqx.Module):
@@ -290,7 +290,7 @@ _EXPLICIT_NON_RK_SOLVERS = (
 
 def _check_base_solver(solver: diffrax.AbstractSolver) -> None:
     name = type(solver).__name__
-    if type(solver) in NATIVE_REVERSIBLE_SOLVERS:
+    if is_invertible(solver):
         raise ValueError(
             f"`Reversible({name}())` is not needed: `{name}` is algebraically "
             "reversible already, and works directly with "
