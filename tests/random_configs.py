@@ -1121,6 +1121,11 @@ def _is_refusal(run: Run) -> bool:
     )
 
 
+def _reference_failed(config: Config, what: str, run: Run) -> Result:
+    detail = f"{what}: {run.error_line()}"
+    return Result(config, "reference_failed", detail, traceback=run.traceback)
+
+
 def run_case(config: Config) -> Result:
     assert jax.config.jax_enable_x64, "the randomized test runs in float64"
     start = time.perf_counter()
@@ -1206,24 +1211,14 @@ def _run_case(config: Config) -> Result:
             if key not in references:
                 reference = _step_to_reference(case, run.step_ends)
                 if isinstance(reference, Run):
-                    return Result(
-                        config,
-                        "reference_failed",
-                        f"StepTo reference: {reference.error_line()}",
-                        traceback=reference.traceback,
-                    )
+                    return _reference_failed(config, "StepTo reference", reference)
                 references[key] = reference
             ref_value, ref_grad = references[key]
             comparisons[name] = compare(run.value, run.grad, ref_value, ref_grad)
     elif config.batch and set(config.wrt) & TIME_INPUTS:
         reference = _unbatched_reference(case)
         if isinstance(reference, Run):
-            return Result(
-                config,
-                "reference_failed",
-                f"unbatched reference: {reference.error_line()}",
-                traceback=reference.traceback,
-            )
+            return _reference_failed(config, "unbatched reference", reference)
         name = "ReversibleAdjoint vs RecursiveCheckpointAdjoint without vmap"
         comparisons[name] = compare(ours.value, ours.grad, *reference)
         primary = [name]
