@@ -1,0 +1,170 @@
+"""The gradient grid: `ReversibleAdjoint`'s gradients over every base solver × `SaveAt`
+kind × step size controller, written to a file and compared with an earlier one.
+
+A refactor of the backward pass must leave every number as it was (to round-off):
+
+    python -m tests.gradient_grid --write before.json     # on the commit before
+    python -m tests.gradient_grid --compare before.json   # on the commit after
+
+`--compare` prints the largest relative difference per configuration and exits with
+status 1 if any exceeds `--tol` (default 1e-14). Float64 throughout.
+"""
+
+import argparse
+import itertools
+import json
+import sys
+import time
+
+import jax
+
+
+jax.config.update("jax_enable_x64", True)
+
+import diffrax  # noqa: E402
+import diffrax_reversible as dr  # noqa: E402
+import equinox as eqx  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import jax.random as jr  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+BASES = ("Euler", "Heun", "Midpoint", "Ralston", "Bosh3", "Tsit5", "Dopri5", "Dopri8")
+NATIVE = ("ReversibleHeun", "LeapfrogMidpoint")
+SAVEATS = ("t1", "t0+ts", "steps", "steps=3+fn", "dense", "subs")
+CONTROLLERS = ("constant", "step_to", "pid", "clip")
+# Native solvers without an error estimate take the non-adaptive controllers only.
+NON_ADAPTIVE = ("constant", "step_to")
+T0, T1 = 0.0, 2.0
+TS = jnp.array([0.3, 0.9, 1.7])
+
+
+class Field(eqx.Module):
+    mlp: eqx.nn.MLP
+
+    def __call__(self, t, y, args):
+        return args * self.mlp(y) - 0.3 * y + jnp.sin(t)
+
+
+def _solver(name):
+    if name in NATIVE:
+        return getattr(diffrax, name)()
+    return dr.Reversible(getattr(diffrax, name)())
+
+
+def _controller(name):
+    if name == "constant":
+        return diffrax.ConstantStepSize(), 0.1
+    if name == "step_to":
+        return diffrax.StepTo(ts=T0 + (T1 - T0) * jnp.linspace(0, 1, 19) ** 1.3), None
+    pid = diffrax.PIDController(rtol=1e-5, atol=1e-7)
+    if name == "pid":
+        return pid, 0.1
+    clip = diffrax.ClipStepSizeController(pid, step_ts=jnp.array([0.5, 1.1]))
+    return clip, 0.1
+
+
+def _saveat(name, ts):
+    fn = lambda t, y, args: jnp.tanh(y) * t
+    return {
+        "t1": diffrax.SaveAt(t1=True),
+        "t0+ts": diffrax.SaveAt(t0=True, ts=ts),
+        "steps": diffrax.SaveAt(steps=True),
+        "steps=3+fn": diffrax.SaveAt(steps=3, fn=fn, t1=True),
+        "dense": diffrax.SaveAt(t1=True, dense=True),
+        "subs": diffrax.SaveAt(
+            subs=[diffrax.SubSaveAt(ts=ts, fn=fn), diffrax.SubSaveAt(steps=2, t1=True)]
+        ),
+    }[name]
+
+
+def _loss(inputs, solver, controller, dt0, saveat_name):
+    field, y0, args, ts = inputs
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(field),
+        solver,
+        T0,
+        T1,
+        dt0,
+        y0,
+        args=args,
+        saveat=_saveat(saveat_name, ts),
+        stepsize_controller=controller,
+        adjoint=dr.ReversibleAdjoint(),
+        max_steps=256,
+    )
+    total = jnp.zeros(())
+    for leaf in jax.tree.leaves((sol.ys, sol.ts)):
+        total = total + jnp.sum(jnp.where(jnp.isfinite(leaf), leaf, 0.0) ** 2)
+    if saveat_name == "dense":
+        total = total + jnp.sum(sol.evaluate(jnp.array(1.23)) ** 2)
+    return total
+
+
+def configurations():
+    for solver, saveat, controller in itertools.product(
+        BASES + NATIVE, SAVEATS, CONTROLLERS
+    ):
+        if solver in NATIVE and controller not in NON_ADAPTIVE:
+            continue
+        yield f"{solver}/{saveat}/{controller}", solver, saveat, controller
+
+
+def compute() -> dict[str, list[float]]:
+    key_mlp, key_y0 = jr.split(jr.key(5678))
+    field = Field(eqx.nn.MLP(3, 3, 8, 1, activation=jnp.tanh, key=key_mlp))
+    inputs = (field, jr.normal(key_y0, (3,)), jnp.array(0.7), TS)
+    results = {}
+    for name, solver, saveat, controller_name in configurations():
+        controller, dt0 = _controller(controller_name)
+        grad = eqx.filter_jit(eqx.filter_value_and_grad(_loss))
+        value, grads = grad(inputs, _solver(solver), controller, dt0, saveat)
+        leaves = jax.tree.leaves(eqx.filter(grads, eqx.is_inexact_array))
+        results[name] = [float(value)] + [
+            float(x) for leaf in leaves for x in np.ravel(leaf)
+        ]
+        jax.clear_caches()
+    return results
+
+
+def compare(ours, before) -> list[tuple[str, float]]:
+    rows = []
+    for name, reference in before.items():
+        if name not in ours:
+            rows.append((name, np.inf))
+            continue
+        a, b = np.asarray(ours[name]), np.asarray(reference)
+        if a.shape != b.shape:
+            rows.append((name, np.inf))
+            continue
+        scale = max(float(np.max(np.abs(b))), 1e-300)
+        rows.append((name, float(np.max(np.abs(a - b))) / scale))
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--write", help="write the grid to this file")
+    group.add_argument("--compare", help="compare the grid with this file")
+    parser.add_argument("--tol", type=float, default=1e-14)
+    options = parser.parse_args(argv)
+    start = time.perf_counter()
+    ours = compute()
+    print(f"{len(ours)} configurations in {time.perf_counter() - start:.0f} s")
+    if options.write:
+        with open(options.write, "w") as f:
+            json.dump(ours, f)
+        return 0
+    with open(options.compare) as f:
+        before = json.load(f)
+    rows = compare(ours, before)
+    worst = max((error for _, error in rows), default=0.0)
+    for name, error in sorted(rows, key=lambda row: -row[1])[:10]:
+        print(f"  {name}: {error:.2g}")
+    print(f"largest relative difference {worst:.2g} (tolerance {options.tol:g})")
+    return 0 if worst <= options.tol else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
