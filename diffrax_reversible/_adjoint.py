@@ -248,7 +248,7 @@ def _closure_convert_event(event, example_args, cond_fn_kwargs):
         return None
 
     def convert(cond_fn):
-        if isinstance(cond_fn, types.FunctionType) and cond_fn.__closure__:
+        if _is_closure(cond_fn):
             cond_fn = eqx.filter_closure_convert(
                 cond_fn, *example_args, **cond_fn_kwargs
             )
