@@ -6,6 +6,10 @@
 Prints markdown tables and writes the numbers to `benchmarks/results/adjoints.json`.
 Timings are medians over repeats after compilation; memory is the temporary memory of
 the compiled XLA program (`memory_analysis()`), which is deterministic.
+
+Configuration names are templates on the base solver (`{base}`, Tsit5 unless a regime
+says otherwise); `label(config, base)` spells one out. The float64 reference gradients
+need `jax_enable_x64`: `main()` turns it on, and so must a caller of `measure`.
 """
 
 import argparse
@@ -17,38 +21,37 @@ import platform
 import statistics
 import time
 
-import jax
-
-
-jax.config.update("jax_enable_x64", True)  # for the float64 reference gradients
-
 import diffrax
 import diffrax_reversible as dr
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import jax.random as jr
 import lineax as lx
+from diffrax_reversible._misc import relative_error
 
 
-CONFIGS = {
-    "Reversible(Tsit5)+ReversibleAdjoint": (True, dr.ReversibleAdjoint),
-    'Reversible(Tsit5, scan_kind="checkpointed")+ReversibleAdjoint': (
-        "checkpointed",
-        dr.ReversibleAdjoint,
-    ),
-    'Reversible(Tsit5)+ReversibleAdjoint(checkpoint_every="auto")': (
-        True,
-        ft.partial(dr.ReversibleAdjoint, checkpoint_every="auto"),
-    ),
-    "Reversible(Tsit5)+RecursiveCheckpoint": (True, diffrax.RecursiveCheckpointAdjoint),
-    "Tsit5+RecursiveCheckpoint": (False, diffrax.RecursiveCheckpointAdjoint),
-    "Tsit5+Backsolve": (False, diffrax.BacksolveAdjoint),
-    "Tsit5+Direct": (False, diffrax.DirectAdjoint),
-}
-REVERSIBLE = "Reversible(Tsit5)+ReversibleAdjoint"
-LOOPED_STAGES = 'Reversible(Tsit5, scan_kind="checkpointed")+ReversibleAdjoint'
+REVERSIBLE = "Reversible({base})+ReversibleAdjoint"
+LOOPED_STAGES = 'Reversible({base}, scan_kind="checkpointed")+ReversibleAdjoint'
 # What the default reconstruction check asks for on long float32 solves.
-AUTO_CHECKPOINTS = 'Reversible(Tsit5)+ReversibleAdjoint(checkpoint_every="auto")'
+AUTO_CHECKPOINTS = 'Reversible({base})+ReversibleAdjoint(checkpoint_every="auto")'
+CONFIGS = {
+    REVERSIBLE: (True, dr.ReversibleAdjoint),
+    LOOPED_STAGES: ("checkpointed", dr.ReversibleAdjoint),
+    AUTO_CHECKPOINTS: (True, ft.partial(dr.ReversibleAdjoint, checkpoint_every="auto")),
+    "Reversible({base})+RecursiveCheckpoint": (
+        True,
+        diffrax.RecursiveCheckpointAdjoint,
+    ),
+    "{base}+RecursiveCheckpoint": (False, diffrax.RecursiveCheckpointAdjoint),
+    "{base}+Backsolve": (False, diffrax.BacksolveAdjoint),
+    "{base}+Direct": (False, diffrax.DirectAdjoint),
+}
+
+
+def label(config: str, base=diffrax.Tsit5) -> str:
+    """The name of configuration `config` on base solver `base`."""
+    return config.format(base=base.__name__)
 
 
 class MLPField(eqx.Module):
@@ -141,16 +144,6 @@ def _median_time(fn, *args, repeats):
     return statistics.median(times)
 
 
-def _rel_error(grads, ref):
-    leaves = jax.tree_util.tree_leaves(eqx.filter(grads, eqx.is_inexact_array))
-    ref_leaves = jax.tree_util.tree_leaves(eqx.filter(ref, eqx.is_inexact_array))
-    num = max(
-        float(jnp.max(jnp.abs(a.astype(jnp.float64) - b)))
-        for a, b in zip(leaves, ref_leaves)
-    )
-    return num / max(float(jnp.max(jnp.abs(b))) for b in ref_leaves)
-
-
 def _to_float64(tree):
     return jax.tree_util.tree_map(
         lambda x: x.astype(jnp.float64) if eqx.is_inexact_array(x) else x, tree
@@ -174,7 +167,7 @@ def measure(
     start = time.perf_counter()
     compiled = grad.lower(model, data, solver, adjoint).compile()
     row = {
-        "config": config,
+        "config": label(config, base),
         "compile_s": time.perf_counter() - start,
         "temp_bytes": compiled.compiled.memory_analysis().temp_size_in_bytes,
     }
@@ -205,11 +198,12 @@ def measure(
         ref = eqx.filter_jit(eqx.filter_grad(loss64))(
             model64, data64, solver, diffrax.RecursiveCheckpointAdjoint()
         )
-        row["grad_rel_error"] = _rel_error(compiled(model, data, solver, adjoint), ref)
+        grads = compiled(model, data, solver, adjoint)
+        row["grad_rel_error"] = float(relative_error(grads, ref))
     return row
 
 
-def print_table(title, rows, reversible=REVERSIBLE):
+def print_table(title, rows, reversible=label(REVERSIBLE)):
     print(f"\n### {title}\n")
     print(
         "| configuration | steps | gradient (s) | forward (s) | compile (s) "
@@ -298,10 +292,7 @@ def run_problem(
             )
             row.update(regime=title, steps=steps)
             rows.append(row)
-    base_name = base.__name__
-    for row in rows:
-        row["config"] = row["config"].replace("Tsit5", base_name)
-    print_table(title, rows, reversible=REVERSIBLE.replace("Tsit5", base_name))
+    print_table(title, rows, reversible=label(REVERSIBLE, base))
     return rows
 
 
@@ -332,7 +323,7 @@ def run_memory(size, steps_list, configs):
     print(
         "Compiled temporary memory of one gradient, MiB (ratio to the first column).\n"
     )
-    print("| steps | " + " | ".join(configs) + " |")
+    print("| steps | " + " | ".join(label(c) for c in configs) + " |")
     print("|---" * (len(configs) + 1) + "|")
     for steps in steps_list:
         mib = [r["temp_bytes"] / 2**20 for r in rows if r["steps"] == steps]
@@ -350,6 +341,7 @@ def main():
         default=str(pathlib.Path(__file__).parent / "results" / "adjoints.json"),
     )
     options = parser.parse_args()
+    jax.config.update("jax_enable_x64", True)  # for the float64 reference gradients
     device = jax.devices()[0].platform
     print(
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, {device}; "
@@ -357,8 +349,8 @@ def main():
     )
     fast = [
         REVERSIBLE,
-        "Reversible(Tsit5)+RecursiveCheckpoint",
-        "Tsit5+RecursiveCheckpoint",
+        "Reversible({base})+RecursiveCheckpoint",
+        "{base}+RecursiveCheckpoint",
     ]
     rows = []
     if options.quick:
@@ -371,7 +363,9 @@ def main():
             configs=fast,
             repeats=3,
         )
-        rows += run_memory(64, [100, 10_000], (REVERSIBLE, "Tsit5+RecursiveCheckpoint"))
+        rows += run_memory(
+            64, [100, 10_000], (REVERSIBLE, "{base}+RecursiveCheckpoint")
+        )
     else:
         every = [c for c in CONFIGS if c != LOOPED_STAGES]
         rows += run_neural_ode(
@@ -404,8 +398,8 @@ def main():
         memory_configs = (
             REVERSIBLE,
             LOOPED_STAGES,
-            "Tsit5+RecursiveCheckpoint",
-            "Reversible(Tsit5)+RecursiveCheckpoint",
+            "{base}+RecursiveCheckpoint",
+            "Reversible({base})+RecursiveCheckpoint",
         )
         rows += run_memory(64, [100, 1000, 10_000, 100_000], memory_configs)
         rows += run_problem(

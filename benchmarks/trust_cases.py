@@ -33,6 +33,7 @@ import equinox as eqx
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+from diffrax_reversible._misc import relative_error
 from tests.symptom_cases import CASES, result_name
 
 
@@ -41,17 +42,8 @@ def _coupling(value: str) -> float | str:
 
 
 def _rel_error(x, reference, scale: float) -> float:
-    """Largest elementwise error of pytree `x` against `reference`, relative to the
-    larger of the largest magnitude in `reference` and `scale`. NaN if `x` is not
-    finite."""
-    x_leaves = jtu.tree_leaves(eqx.filter(x, eqx.is_inexact_array))
-    ref_leaves = jtu.tree_leaves(eqx.filter(reference, eqx.is_inexact_array))
-    num = max(
-        float(jnp.max(jnp.abs(a.astype(jnp.float64) - b.astype(jnp.float64))))
-        for a, b in zip(x_leaves, ref_leaves)
-    )
-    den = max(float(jnp.max(jnp.abs(b))) for b in ref_leaves)
-    return num / max(den, scale)
+    """`relative_error`, measured against at least `scale`."""
+    return float(relative_error(x, reference, also_scale=jnp.asarray(scale)))
 
 
 def _first_line(error: BaseException) -> str:

@@ -21,8 +21,33 @@ from ._checkpoints import (
     record_checkpoint,
     stored_state_at,
 )
-from ._diffrax_internals import is_unsafe_sde, SaveState
-from ._misc import is_none, tree_add
+from ._diffrax_internals import (
+    constant_step_count,
+    current_state,
+    dense_output,
+    event_record,
+    EventRecord,
+    first_step_inputs,
+    is_unsafe_sde,
+    num_accepted_steps,
+    num_saved,
+    num_ts_saved,
+    outer_loop_with_record,
+    run_loop,
+    save_states,
+    saved_ts,
+    saved_ys,
+    solution_outputs,
+    solve_result,
+    step_end_time,
+    step_interval,
+    step_output_index,
+    t0_offset,
+    ts_output_index,
+    with_current_state,
+    with_forward_values_only,
+)
+from ._misc import error_dtype, is_none, relative_error, tree_add
 from ._native import (
     is_invertible,
     NATIVE_REVERSIBLE_SOLVERS,
@@ -42,16 +67,6 @@ _CONTROLLER_NONDIFFERENTIABLE = (
 
 def _is_subsaveat(x: Any) -> bool:
     return isinstance(x, diffrax.SubSaveAt)
-
-
-def _is_save_state(x: Any) -> bool:
-    return isinstance(x, SaveState)
-
-
-def _save_states(state) -> list[SaveState]:
-    # Filtered: `eqx.tree_at` wraps a `None` save state (`SaveAt(dense=True)` alone).
-    leaves = jtu.tree_leaves(state.save_state, is_leaf=_is_save_state)
-    return [leaf for leaf in leaves if _is_save_state(leaf)]
 
 
 def _check_supported(
@@ -165,16 +180,9 @@ def _states_seen_by_vector_fields(terms, solver, init_state, args):
         for i, term in enumerate(terms_leaves)
     ]
     recording_terms = jtu.tree_unflatten(treedef, recording_leaves)
+    t0, t1, y0, solver_state, made_jump = first_step_inputs(init_state)
     jax.eval_shape(
-        lambda: solver.step(
-            recording_terms,
-            init_state.tprev,
-            init_state.tnext,
-            init_state.y,
-            args,
-            init_state.solver_state,
-            init_state.made_jump,
-        )
+        lambda: solver.step(recording_terms, t0, t1, y0, args, solver_state, made_jump)
     )
     return jtu.tree_unflatten(treedef, seen)
 
@@ -191,12 +199,13 @@ def _closure_convert_vector_fields(terms, solver, init_state, args):
     ):
         return terms  # Nothing to convert: skip tracing a step.
     seen = _states_seen_by_vector_fields(terms, solver, init_state, args)
+    t0, _, y0, _, _ = first_step_inputs(init_state)
 
     def convert(term, y):
         if not _is_term_with_vector_field(term):
             return term
-        y = init_state.y if y is None else y
-        vector_field = _closure_convert(term.vector_field, init_state.tprev, y, args)
+        y = y0 if y is None else y
+        vector_field = _closure_convert(term.vector_field, t0, y, args)
         return eqx.tree_at(lambda x: x.vector_field, term, vector_field)
 
     # `seen` has a leaf (a state, or `None`) where `terms` has a term.
@@ -304,29 +313,6 @@ def _split_step_ts(controller):
     return eqx.tree_at(lambda c: c.ts, controller, lax.stop_gradient(step_ts)), step_ts
 
 
-def _step_end_time(controller, k, recorded_end, t0, t1, dt0, step_ts, num_steps):
-    """The end of accepted step `k` as Diffrax computes it, as a differentiable function
-    of `t0`, `t1`, `dt0` and `StepTo.ts` (`step_ts`), for the controllers of
-    `_step_times_are_differentiable`."""
-    if type(controller) is diffrax.ConstantStepSize:
-        dtype = jnp.result_type(t0)
-        fraction = (k + 1).astype(dtype) / num_steps.astype(dtype)
-        # Diffrax marks an infinite `t1` with `num_steps == -1`, and adds `dt0`.
-        later = jnp.where(
-            num_steps >= 0,
-            t0 + (t1 - t0) * fraction,
-            t0 + (k + 1).astype(dtype) * dt0,
-        )
-        first = t0 + dt0
-    else:
-        later = step_ts[k + 1]
-        first = later
-    first = jnp.minimum(first, t1)
-    # Diffrax snaps the end of the last step to `t1` exactly.
-    later = jnp.where(recorded_end == t1, t1, later)
-    return jnp.where(k == 0, first, later)
-
-
 class _StepRecord(eqx.Module):
     starts: Array | None
     ends: Array
@@ -348,56 +334,44 @@ def _recording_while_loop(
     records_out: list,
 ):
     """Diffrax's outer loop, additionally writing the interval of every accepted step
-    (and any checkpoints) into buffers sized by `max_steps`. Diffrax's `loop` only
-    returns the final state, so the record leaves through `records_out`."""
+    (and any checkpoints) into buffers sized by `max_steps`."""
 
-    def while_loop(cond_fun, body_fun, init_val, *, max_steps, buffers):
-        empty = jnp.full(max_steps, jnp.inf, dtype=jnp.result_type(init_val.tprev))
+    def init_record(init_state, max_steps):
+        tprev, _ = step_interval(init_state)
+        empty = jnp.full(max_steps, jnp.inf, dtype=jnp.result_type(tprev))
         checkpoints = init_checkpoints(
-            checkpoint_every, max_checkpoints, max_steps, init_val
+            checkpoint_every, max_checkpoints, max_steps, init_state
         )
-        record = _StepRecord(
+        return _StepRecord(
             starts=empty if record_starts else None,
             ends=empty,
             checkpoints=checkpoints,
         )
 
-        def record_and_step(carry):
-            state, record = carry
-            index = state.num_accepted_steps
-            # Written on every attempt: a rejected step is overwritten by the next
-            # attempt, which has the same index.
-            starts = record.starts
-            if starts is not None:
-                starts = starts.at[index].set(state.tprev)
-            ends = record.ends.at[index].set(state.tnext)
-            checkpoints = record.checkpoints
-            if checkpoints is not None:
-                checkpoints = record_checkpoint(checkpoints, checkpoint_every, state)
-            record = _StepRecord(starts=starts, ends=ends, checkpoints=checkpoints)
-            return body_fun(state), record
+    def record_step(state, record):
+        index = num_accepted_steps(state)
+        tprev, tnext = step_interval(state)
+        # Written on every attempt: a rejected step is overwritten by the next
+        # attempt, which has the same index.
+        starts = record.starts
+        if starts is not None:
+            starts = starts.at[index].set(tprev)
+        ends = record.ends.at[index].set(tnext)
+        checkpoints = record.checkpoints
+        if checkpoints is not None:
+            checkpoints = record_checkpoint(checkpoints, checkpoint_every, state)
+        return _StepRecord(starts=starts, ends=ends, checkpoints=checkpoints)
 
-        final_state, record = eqxi.while_loop(
-            lambda carry: cond_fun(carry[0]),
-            record_and_step,
-            (init_val, record),
-            max_steps=max_steps,
-            buffers=lambda carry: (buffers(carry[0]), _record_buffers(carry[1])),
-            kind="lax",
-        )
-        records_out.append(record)
-        return final_state
-
-    return while_loop
+    return outer_loop_with_record(
+        init_record, record_step, _record_buffers, records_out
+    )
 
 
-def _forward_loop(diff_inputs, *, self, init_state, outer_while_loop, **kwargs):
+def _forward_loop(diff_inputs, *, self, init_state, outer_while_loop=None, **kwargs):
     # Not differentiated (the custom VJP supplies the gradient), so plain loops.
     y0, z0, args, terms, saveat, (t0, t1, dt0), event, _ = diff_inputs
-    init_state = eqx.tree_at(
-        lambda s: (s.y, s.solver_state), init_state, (y0, z0), is_leaf=is_none
-    )
-    return self._loop(
+    return run_loop(
+        self,
         args=args,
         terms=terms,
         saveat=saveat,
@@ -405,8 +379,7 @@ def _forward_loop(diff_inputs, *, self, init_state, outer_while_loop, **kwargs):
         t1=t1,
         dt0=dt0,
         event=event,
-        init_state=init_state,
-        inner_while_loop=ft.partial(eqxi.while_loop, kind="lax"),
+        init_state=with_current_state(init_state, y0, z0),
         outer_while_loop=outer_while_loop,
         **kwargs,
     )
@@ -414,10 +387,7 @@ def _forward_loop(diff_inputs, *, self, init_state, outer_while_loop, **kwargs):
 
 @eqx.filter_custom_vjp
 def _loop_reversible(diff_inputs, **kwargs):
-    outer_while_loop = ft.partial(eqxi.while_loop, kind="lax")
-    final_state, aux_stats = _forward_loop(
-        diff_inputs, outer_while_loop=outer_while_loop, **kwargs
-    )
+    final_state, aux_stats = _forward_loop(diff_inputs, **kwargs)
     return _batched_like(final_state, (diff_inputs, final_state)), aux_stats
 
 
@@ -436,20 +406,18 @@ class _Residuals(eqx.Module):
     ys_shapes: list[PyTree[Any]]
     ts_shapes: list[Any]
     controller_num_steps: Array | None
-    event_mask: PyTree[Array] | None
+    event: EventRecord
     event_time: Array | None
-    event_dense_info: PyTree[Array] | None
-    event_step_times: tuple[Array, Array] | None
 
 
-def _event_time(event, subs, save_states, like):
+def _event_time(event, subs, states, like):
     """Where a terminating event stopped the solve, as saved at `t1` (outputs depend
     on it only through the output at `t1`)."""
     if not _finds_event_root(event):
         return None
-    for sub, save_state in zip(subs, save_states):
+    for sub, save_state in zip(subs, states):
         if sub.t1:
-            return save_state.ts[save_state.save_index - 1]
+            return saved_ts(save_state)[num_saved(save_state) - 1]
     return jnp.zeros((), jnp.result_type(like))
 
 
@@ -482,33 +450,25 @@ def _loop_reversible_fwd(
     )
     [record] = records
     final_state = check_overflow(record.checkpoints, final_state)
-    save_states = _save_states(final_state)
-    if type(stepsize_controller) is diffrax.ConstantStepSize:
-        _, controller_num_steps, _, _ = final_state.controller_state
-    else:
-        controller_num_steps = None
+    states = save_states(final_state)
+    y_final, z_final = current_state(final_state)
     residuals = _Residuals(
         record=record,
-        num_steps=final_state.num_accepted_steps,
-        y_final=final_state.y,
-        z_final=final_state.solver_state,
-        ts_saved=[s.saveat_ts_index for s in save_states],
-        save_index=[s.save_index for s in save_states],
-        ys_shapes=[
-            jtu.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), s.ys)
-            for s in save_states
-        ],
-        ts_shapes=[jax.ShapeDtypeStruct(s.ts.shape, s.ts.dtype) for s in save_states],
-        controller_num_steps=controller_num_steps,
-        event_mask=final_state.event_mask,
+        num_steps=num_accepted_steps(final_state),
+        y_final=y_final,
+        z_final=z_final,
+        ts_saved=[num_ts_saved(s) for s in states],
+        save_index=[num_saved(s) for s in states],
+        ys_shapes=[_shape_structs(saved_ys(s)) for s in states],
+        ts_shapes=[_shape_structs(saved_ts(s)) for s in states],
+        controller_num_steps=constant_step_count(stepsize_controller, final_state),
+        event=event_record(final_state),
         event_time=_event_time(
             diff_inputs[6],
             jtu.tree_leaves(diff_inputs[4].subs, is_leaf=_is_subsaveat),
-            save_states,
-            final_state.tprev,
+            states,
+            step_interval(final_state)[0],
         ),
-        event_dense_info=final_state.event_dense_info,
-        event_step_times=(final_state.event_tprev, final_state.event_tnext),
     )
     final_state = _batched_like(final_state, (diff_inputs, final_state))
     return (final_state, aux_stats), residuals
@@ -585,7 +545,7 @@ class _Outputs(eqx.Module):
 
     @property
     def t0_offset(self) -> int:
-        return 1 if self.sub.t0 else 0
+        return t0_offset(self.sub)
 
     @property
     def num_ts(self) -> int:
@@ -595,13 +555,10 @@ class _Outputs(eqx.Module):
         return jtu.tree_map(lambda g: g[index], self.grad_ys)
 
     def ts_index(self, j, k):
-        # Steps and `ts` share one output index: `ts[j]` in step `k` follows the
-        # outputs of the `k // steps` step saves before it.
-        steps = self.sub.steps
-        return self.t0_offset + j + (k // steps if steps else 0)
+        return ts_output_index(self.sub, j, k)
 
     def step_index(self, k, num_ts_saved):
-        return self.t0_offset + num_ts_saved + (k + 1) // self.sub.steps - 1
+        return step_output_index(self.sub, k, num_ts_saved)
 
 
 def _pull_back_saved_ts(
@@ -681,11 +638,13 @@ def _loop_reversible_bwd(
         grad_dense_infos = None
         grad_dense_ts = None
     else:
-        grad_ys = [s.ys for s in _save_states(grad_final_state)]
-        grad_ts = [s.ts for s in _save_states(grad_final_state)]
-        grad_z_final = grad_final_state.solver_state if saveat.solver_state else None
-        grad_dense_infos = grad_final_state.dense_infos if saveat.dense else None
-        grad_dense_ts = grad_final_state.dense_ts if saveat.dense else None
+        grad_ys = [saved_ys(s) for s in save_states(grad_final_state)]
+        grad_ts = [saved_ts(s) for s in save_states(grad_final_state)]
+        _, grad_z_final = current_state(grad_final_state)
+        grad_z_final = grad_z_final if saveat.solver_state else None
+        grad_dense_infos, grad_dense_ts = dense_output(grad_final_state)
+        if not saveat.dense:
+            grad_dense_infos, grad_dense_ts = None, None
     outputs = [
         _Outputs(
             sub=sub,
@@ -716,7 +675,7 @@ def _loop_reversible_bwd(
     # event they are interpolated within the last step instead: see below.
     y_final = residuals.y_final
     if _finds_event_root(event):
-        event_happened = jnp.any(jnp.stack(jtu.tree_leaves(residuals.event_mask)))
+        event_happened = jnp.any(jnp.stack(jtu.tree_leaves(residuals.event.mask)))
     else:
         event_happened = False
     t1_event_cotangents = {}
@@ -785,7 +744,7 @@ def _loop_reversible_bwd(
             t0, t1, dt0 = times
             y = interpolation(dense_info, *step_times).evaluate(t)
             value = jnp.zeros((), jnp.result_type(t))
-            masks = jtu.tree_leaves(residuals.event_mask)
+            masks = jtu.tree_leaves(residuals.event.mask)
             cond_fns = jtu.tree_leaves(event.cond_fn, is_leaf=callable)
             for mask, cond_fn in zip(masks, cond_fns):
                 value_i = cond_fn(
@@ -846,9 +805,7 @@ def _loop_reversible_bwd(
             save_bars,
         )
 
-    def reverse_step(
-        k, step_t0, step_t1, y1, z1, y1_bar, z1_bar, dense_info_cotangent
-    ):
+    def reverse_step(k, step_t0, step_t1, y1, z1, y1_bar, z1_bar, dense_info_cotangent):
         if type(solver) is Reversible:
             undo_step = solver.reverse_step
         else:
@@ -879,8 +836,8 @@ def _loop_reversible_bwd(
             (t0_bar_event, t1_bar_event, dt0_bar_event),
             save_bars,
         ) = pull_back_event(
-            residuals.event_dense_info,
-            residuals.event_step_times,
+            residuals.event.dense_info,
+            residuals.event.step_times,
             args,
             terms,
             event,
@@ -997,7 +954,7 @@ def _loop_reversible_bwd(
             t1_bar = t1_bar + to_t1
             end_bar = end_bar + saved_time_bar - to_t1
             _, pull_back_end = jax.vjp(
-                lambda t0, t1, dt0, step_ts: _step_end_time(
+                lambda t0, t1, dt0, step_ts: step_end_time(
                     stepsize_controller,
                     k,
                     step_t1,
@@ -1028,7 +985,7 @@ def _loop_reversible_bwd(
             due, stored, checkpoint_pointer = stored_state_at(
                 checkpoints, self.checkpoint_every, k, checkpoint_pointer
             )
-            error = _relative_difference(
+            error = relative_error(
                 _reconstructed(solver, y0, z0),
                 _reconstructed(solver, *stored),
                 also_scale=y_final,
@@ -1067,7 +1024,7 @@ def _loop_reversible_bwd(
             last_end_bar,
             None if step_ts is None else jnp.zeros_like(step_ts),
         ),
-        jnp.zeros((), _error_dtype()),
+        jnp.zeros((), error_dtype()),
         first_pointer(checkpoints),
     )
     _, y0__z0, (y_bar, z_bar), args_bar, terms_bar, *rest = lax.while_loop(
@@ -1077,7 +1034,7 @@ def _loop_reversible_bwd(
     # The start is known exactly: the reconstruction's last word on its own accuracy.
     max_error = jnp.maximum(
         max_error,
-        _relative_difference(
+        relative_error(
             _reconstructed(solver, *y0__z0),
             _reconstructed(solver, y0, z0),
             also_scale=y_final,
@@ -1143,41 +1100,12 @@ def _loop_reversible_bwd(
     )
 
 
-def _error_dtype():
-    return jnp.result_type(float)
-
-
 def _reconstructed(solver, y, solver_state):
     """The part of the state that the backward pass reconstructs: `(y, z)` for
     `Reversible`, whose solver state also carries diagnostics."""
     if type(solver) is Reversible:
         return y, solver_state.z
     return y, solver_state
-
-
-def _max_magnitude(tree):
-    dtype = _error_dtype()
-    leaves = jtu.tree_leaves(eqx.filter(tree, eqx.is_inexact_array))
-    return jnp.stack(
-        [jnp.zeros((), dtype)] + [jnp.max(jnp.abs(b)).astype(dtype) for b in leaves]
-    ).max()
-
-
-def _relative_difference(x, reference, also_scale=None):
-    """Largest elementwise difference of two pytrees, relative to the largest magnitude
-    of `reference` (or of `also_scale`, e.g. the final state, where that is larger: a
-    solve that starts at zero is measured against the size it grew to). NaN if `x` has
-    gone non-finite."""
-    x_leaves = jtu.tree_leaves(eqx.filter(x, eqx.is_inexact_array))
-    ref_leaves = jtu.tree_leaves(eqx.filter(reference, eqx.is_inexact_array))
-    if not ref_leaves:
-        return jnp.zeros((), _error_dtype())
-    dtype = _error_dtype()
-    difference = jnp.stack(
-        [jnp.max(jnp.abs(a - b)).astype(dtype) for a, b in zip(x_leaves, ref_leaves)]
-    ).max()
-    scale = jnp.maximum(_max_magnitude(reference), _max_magnitude(also_scale))
-    return difference / jnp.maximum(scale, jnp.finfo(dtype).tiny)
 
 
 def default_reconstruction_tol(dtype) -> float:
@@ -1190,7 +1118,7 @@ def default_reconstruction_tol(dtype) -> float:
 def _least_precise_dtype(tree):
     leaves = jtu.tree_leaves(eqx.filter(tree, eqx.is_inexact_array))
     if not leaves:
-        return _error_dtype()
+        return error_dtype()
     return max((leaf.dtype for leaf in leaves), key=lambda d: jnp.finfo(d).eps)
 
 
@@ -1269,7 +1197,7 @@ def _saveat_cotangent(saveat, save_bars):
 def _raise_if_unstable(final_state):
     # `Reversible` reports an unstable coupled scheme as one of Diffrax's results, which
     # carries Diffrax's message; with `throw=True`, say what it means here instead.
-    unstable = final_state.result == diffrax.RESULTS.nonlinear_divergence
+    unstable = solve_result(final_state) == diffrax.RESULTS.nonlinear_divergence
     return eqx.error_if(final_state, unstable, UNSTABLE_COUPLING_MESSAGE)
 
 
@@ -1279,14 +1207,7 @@ def _only_outputs_differentiable(final_state, saveat):
     anything else raises."""
 
     def outputs(state):
-        out = []
-        for save_state in _save_states(state):
-            out += [save_state.ts, save_state.ys]
-        if saveat.dense:
-            out += [state.dense_infos, state.dense_ts]
-        if saveat.solver_state:
-            out.append(state.solver_state)
-        return out
+        return solution_outputs(state, saveat)
 
     values = outputs(final_state)
     final_state = eqxi.nondifferentiable_backward(final_state, symbolic=False)
@@ -1420,8 +1341,7 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
             max_steps=max_steps,
             checkpoint_every=self.checkpoint_every,
         )
-        y0 = init_state.y
-        z0 = init_state.solver_state
+        y0, z0 = current_state(init_state)
         # Before `init_state` loses its solver state to the backward pass's own.
         terms = _closure_convert_vector_fields(terms, solver, init_state, args)
         if passed_controller_state:
@@ -1433,29 +1353,7 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
             controller_fn = lax.stop_gradient
         # The forward values only: gradients with respect to times and through the
         # event's initial values come from the custom VJP's inputs.
-        init_state = eqx.tree_at(
-            lambda s: (
-                s.event_values,
-                s.event_dense_info,
-                s.event_tprev,
-                s.event_tnext,
-            ),
-            init_state,
-            replace_fn=lax.stop_gradient,
-            is_leaf=is_none,
-        )
-        init_state = eqx.tree_at(
-            lambda s: (s.y, s.solver_state, s.controller_state, s.tprev, s.tnext),
-            init_state,
-            (
-                object(),
-                object(),
-                controller_fn(init_state.controller_state),
-                lax.stop_gradient(init_state.tprev),
-                lax.stop_gradient(init_state.tnext),
-            ),
-            is_leaf=is_none,
-        )
+        init_state = with_forward_values_only(init_state, controller_fn)
         saveat = _closure_convert_saveat_fns(saveat, t0, y0, args)
         event = _closure_convert_event(
             event,

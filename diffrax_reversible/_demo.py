@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import jax.random as jr
 
 from ._adjoint import ReversibleAdjoint
+from ._misc import relative_error
 from ._solver import Reversible
 
 
@@ -57,13 +58,6 @@ def _measure(adjoint, model, y0s, num_steps, repeats):
         grads = jax.block_until_ready(compiled(model, y0s))
         times.append(time.perf_counter() - start)
     return grads, temp_bytes, compile_time, statistics.median(times)
-
-
-def _relative_difference(grads, reference):
-    leaves = jax.tree_util.tree_leaves(eqx.filter(grads, eqx.is_inexact_array))
-    ref_leaves = jax.tree_util.tree_leaves(eqx.filter(reference, eqx.is_inexact_array))
-    num = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(leaves, ref_leaves))
-    return num / max(float(jnp.max(jnp.abs(b))) for b in ref_leaves)
 
 
 def main(argv=None):
@@ -116,7 +110,7 @@ def main(argv=None):
         rows.append(
             (
                 name,
-                _relative_difference(grads, reference),
+                float(relative_error(grads, reference)),
                 temp_bytes / 2**20,
                 compile_time,
                 run_time,

@@ -1,4 +1,3 @@
-import functools as ft
 import warnings
 from collections.abc import Callable
 from typing import Any, Literal, TypeAlias

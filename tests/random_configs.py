@@ -927,22 +927,35 @@ class Run:
 def _evaluate(name: str, loss, diff, constants) -> Run:
     """Value and gradient of `loss` at `diff`; trace errors are told apart from run
     errors (`lower` traces, including the custom VJP's forward and backward rules)."""
+    return _evaluate_each([name], loss, diff, [constants])[0]
+
+
+def _evaluate_each(names, loss, diff, constants_list) -> list[Run]:
+    """`_evaluate` at each of `constants_list` (of one structure and shape), compiled
+    once. Stops at the first failure, which is the last `Run`."""
     f = jax.jit(jax.value_and_grad(loss, has_aux=True))
-    run = Run(name)
-    phase = "trace"
-    try:
-        lowered = f.lower(diff, constants)
-        phase = "run"
-        compiled = lowered.compile(COMPILER_OPTIONS)
-        (value, aux), grad = compiled(diff, constants)
-        run.value, run.grad = jax.block_until_ready((value, grad))
-        run.steps = int(np.max(aux["steps"]))
-        if aux["step_ends"] is not None:
-            run.step_ends = np.asarray(aux["step_ends"])
-    except Exception as error:  # noqa: BLE001 (every failure is classified)
-        run.phase, run.error = phase, error
-        run.traceback = "".join(traceback.format_exception(error))
-    return run
+    runs = []
+    compiled = None
+    for name, constants in zip(names, constants_list, strict=True):
+        run = Run(name)
+        runs.append(run)
+        phase = "trace"
+        try:
+            if compiled is None:
+                lowered = f.lower(diff, constants)
+                phase = "run"
+                compiled = lowered.compile(COMPILER_OPTIONS)
+            phase = "run"
+            (value, aux), grad = compiled(diff, constants)
+            run.value, run.grad = jax.block_until_ready((value, grad))
+            run.steps = int(np.max(aux["steps"]))
+            if aux["step_ends"] is not None:
+                run.step_ends = np.asarray(aux["step_ends"])
+        except Exception as error:  # noqa: BLE001 (every failure is classified)
+            run.phase, run.error = phase, error
+            run.traceback = "".join(traceback.format_exception(error))
+            break
+    return runs
 
 
 def _max_time_difference(a, b) -> float:
@@ -1004,13 +1017,15 @@ def _unbatched_reference(case: Case):
         value, aux = case.single_loss(inputs, y0, diffrax.RecursiveCheckpointAdjoint())
         return value, jtu.tree_map(lambda x: x[None], aux)
 
-    runs = []
-    for i in range(case.config.batch):
-        constants = {**case.constants, "element": jnp.asarray(i)}
-        run = _evaluate(f"unbatched reference {i}", loss, case.diff, constants)
-        if not run.ok:
-            return run
-        runs.append(run)
+    elements = range(case.config.batch)
+    runs = _evaluate_each(
+        [f"unbatched reference {i}" for i in elements],
+        loss,
+        case.diff,
+        [{**case.constants, "element": jnp.asarray(i)} for i in elements],
+    )
+    if not runs[-1].ok:
+        return runs[-1]
     value = sum(r.value for r in runs)
     # Each element's `y0` gradient is in its own row; the other gradients are shared.
     grads = {
