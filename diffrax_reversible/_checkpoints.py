@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
 
+from ._diffrax_internals import current_state, num_accepted_steps
+
 
 CheckpointEvery = int | Literal["auto"] | None
 
@@ -59,7 +61,7 @@ def init_checkpoints(
         return None
     num = max_checkpoints if every == "auto" else max_steps // every + 1
     states = jtu.tree_map(
-        lambda x: jnp.zeros((num,) + x.shape, x.dtype), (state.y, state.solver_state)
+        lambda x: jnp.zeros((num,) + x.shape, x.dtype), current_state(state)
     )
     if every != "auto":
         return Checkpoints(states, None, None, None, None, None)
@@ -78,10 +80,11 @@ def record_checkpoint(
 ) -> Checkpoints:
     """Stores the state at the start of the attempted step, if one is due there. Called
     on every attempt: a rejected step is followed by an attempt with the same index."""
-    index = state.num_accepted_steps
+    index = num_accepted_steps(state)
+    y, solver_state = current_state(state)
     if every == "auto":
-        log_growth = state.solver_state.log_growth
-        due_by_growth = log_growth - checkpoints.last_log_growth > _log_budget(state.y)
+        log_growth = solver_state.log_growth
+        due_by_growth = log_growth - checkpoints.last_log_growth > _log_budget(y)
         due = due_by_growth & (index != checkpoints.last_step)
         slot = checkpoints.count
         fits = slot < checkpoints.steps.shape[0]
@@ -94,7 +97,7 @@ def record_checkpoint(
         return eqxi.buffer_at_set(buffer, slot, value, pred=write)
 
     # Values first: inside the loop the buffers are wrappers, not arrays.
-    states = jtu.tree_map(store, (state.y, state.solver_state), checkpoints.states)
+    states = jtu.tree_map(store, (y, solver_state), checkpoints.states)
     if every != "auto":
         return eqx.tree_at(lambda c: c.states, checkpoints, states)
     return Checkpoints(
