@@ -1,5 +1,7 @@
 import diffrax
+import diffrax_reversible as dr
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import pytest
@@ -65,3 +67,34 @@ def decaying_oscillator(t, y, args):
     dy1 = -a * y1 + b * y2 + jnp.sin(t).astype(y.dtype)
     dy2 = -b * y1 - a * y2 * (1 + y1**2) / 2
     return jnp.stack([dy1, dy2])
+
+
+def finite_sum_of_squares(tree):
+    # Unfilled outputs (`SaveAt(steps=...)`, after an event) are `inf`.
+    return sum(
+        jnp.sum(jnp.where(jnp.isfinite(x), x, 0.0) ** 2) for x in jtu.tree_leaves(tree)
+    )
+
+
+def assert_grads_close(ours, ref, tol=1e-8):
+    """Leaf by leaf: a small gradient (a time, say) is not drowned by a large one."""
+    ours_leaves = jtu.tree_leaves(ours)
+    ref_leaves = jtu.tree_leaves(ref)
+    assert len(ours_leaves) == len(ref_leaves) > 0
+    scale = max(float(jnp.max(jnp.abs(r))) for r in ref_leaves)
+    assert scale > 0
+    for a, b in zip(ours_leaves, ref_leaves):
+        denominator = max(float(jnp.max(jnp.abs(b))), 1e-4 * scale)
+        assert float(jnp.max(jnp.abs(a - b))) / denominator < tol
+
+
+def check_against_recursive_checkpoint(loss, *inputs, tol=1e-8):
+    """Differentiates `loss(adjoint, *inputs)` with respect to every input with
+    `ReversibleAdjoint` and with `RecursiveCheckpointAdjoint`, asserts the two agree
+    leaf by leaf, and returns ours."""
+    argnums = tuple(range(len(inputs)))
+    grad = lambda adjoint: jax.grad(lambda *x: loss(adjoint, *x), argnums)(*inputs)
+    ref = grad(diffrax.RecursiveCheckpointAdjoint())
+    ours = grad(dr.ReversibleAdjoint())
+    assert_grads_close(ours, ref, tol)
+    return ours

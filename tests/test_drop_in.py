@@ -14,6 +14,12 @@ import jax.tree_util as jtu
 import optimistix as optx
 import pytest
 
+from .helpers import (
+    assert_grads_close,
+    check_against_recursive_checkpoint,
+    finite_sum_of_squares,
+)
+
 
 def _forced_oscillator(t, y, args):
     stiffness, damping = args
@@ -23,35 +29,6 @@ def _forced_oscillator(t, y, args):
 _Y0 = jnp.array([1.0, 0.5])
 _ARGS = (jnp.array(2.0), jnp.array(0.3))
 _TS = jnp.linspace(0.3, 1.7, 4)
-
-
-def _finite_sum_of_squares(tree):
-    # Unfilled outputs (`SaveAt(steps=...)`, after an event) are `inf`.
-    return sum(
-        jnp.sum(jnp.where(jnp.isfinite(x), x, 0.0) ** 2) for x in jtu.tree_leaves(tree)
-    )
-
-
-def _assert_grads_close(ours, ref, tol=1e-8):
-    """Leaf by leaf: a small gradient (a time, say) is not drowned by a large one."""
-    ours_leaves = jtu.tree_leaves(ours)
-    ref_leaves = jtu.tree_leaves(ref)
-    assert len(ours_leaves) == len(ref_leaves) > 0
-    scale = max(float(jnp.max(jnp.abs(r))) for r in ref_leaves)
-    assert scale > 0
-    for a, b in zip(ours_leaves, ref_leaves):
-        denominator = max(float(jnp.max(jnp.abs(b))), 1e-4 * scale)
-        assert float(jnp.max(jnp.abs(a - b))) / denominator < tol
-
-
-def _check_against_recursive_checkpoint(loss, *inputs, tol=1e-8):
-    """`loss(adjoint, *inputs)`, differentiated with respect to every input."""
-    argnums = tuple(range(len(inputs)))
-    grad = lambda adjoint: jax.grad(lambda *x: loss(adjoint, *x), argnums)(*inputs)
-    ref = grad(diffrax.RecursiveCheckpointAdjoint())
-    ours = grad(dr.ReversibleAdjoint())
-    _assert_grads_close(ours, ref, tol)
-    return ours
 
 
 def _solve(adjoint, *, y0=_Y0, args=_ARGS, t0=0.0, t1=2.0, dt0=0.1, **kwargs):
@@ -80,7 +57,7 @@ def _outputs_loss(saveat_of_ts, **kwargs):
             jnp.sum(jnp.where(jnp.isfinite(t), jnp.sin(t), 0.0))
             for t in jtu.tree_leaves(sol.ts)
         )
-        return _finite_sum_of_squares(sol.ys) + times
+        return finite_sum_of_squares(sol.ys) + times
 
     return loss
 
@@ -110,7 +87,7 @@ _SAVEATS = {
 @pytest.mark.parametrize("name", _SAVEATS)
 def test_saveat_outputs_and_time_gradients(name):
     # Gradients with respect to y0, args, t0, t1 and the SaveAt times.
-    _check_against_recursive_checkpoint(_outputs_loss(_SAVEATS[name]), *_ALL_INPUTS)
+    check_against_recursive_checkpoint(_outputs_loss(_SAVEATS[name]), *_ALL_INPUTS)
 
 
 @pytest.mark.parametrize("name", ["steps-ts-t0-t1", "fn"])
@@ -121,7 +98,7 @@ def test_saveat_outputs_adaptive(name):
         stepsize_controller=diffrax.PIDController(rtol=1e-5, atol=1e-7),
     )
     loss_no_t = lambda adjoint, y0, args, ts: loss(adjoint, y0, args, 0.0, 2.0, ts)
-    _check_against_recursive_checkpoint(loss_no_t, _Y0, _ARGS, _TS)
+    check_against_recursive_checkpoint(loss_no_t, _Y0, _ARGS, _TS)
 
 
 class _Readout(eqx.Module):
@@ -144,9 +121,9 @@ def test_saveat_fn_parameters_get_gradients():
             ]
         )
         sol = _solve(adjoint, saveat=saveat)
-        return _finite_sum_of_squares(sol.ys)
+        return finite_sum_of_squares(sol.ys)
 
-    grads = _check_against_recursive_checkpoint(loss, readout, scale)
+    grads = check_against_recursive_checkpoint(loss, readout, scale)
     assert all(float(jnp.max(jnp.abs(g))) > 0 for g in jtu.tree_leaves(grads))
 
 
@@ -167,9 +144,9 @@ def test_dense_output(adaptive):
             stepsize_controller=controller,
         )
         values = [sol.evaluate(s) for s in (0.0, 0.33, 1.21, t, 2.0)]
-        return _finite_sum_of_squares(values) + jnp.sum(sol.derivative(0.77) ** 2)
+        return finite_sum_of_squares(values) + jnp.sum(sol.derivative(0.77) ** 2)
 
-    _check_against_recursive_checkpoint(loss, _Y0, _ARGS, jnp.array(1.6))
+    check_against_recursive_checkpoint(loss, _Y0, _ARGS, jnp.array(1.6))
 
 
 def test_dense_output_time_gradients():
@@ -177,7 +154,7 @@ def test_dense_output_time_gradients():
         sol = _solve(adjoint, t0=t0, t1=t1, saveat=diffrax.SaveAt(dense=True))
         return jnp.sum(sol.evaluate(0.9) ** 2) + jnp.sum(sol.evaluate(t1) ** 2)
 
-    _check_against_recursive_checkpoint(loss, jnp.array(0.0), jnp.array(2.0))
+    check_against_recursive_checkpoint(loss, jnp.array(0.0), jnp.array(2.0))
 
 
 @pytest.mark.parametrize(
@@ -190,11 +167,11 @@ def test_saved_solver_state_and_controller_state(solver):
         )
         sol = _solve(adjoint, y0=y0, args=args, saveat=saveat, solver=solver)
         assert sol.made_jump is not None and sol.controller_state is not None
-        return jnp.sum(sol.ys**2) + _finite_sum_of_squares(
+        return jnp.sum(sol.ys**2) + finite_sum_of_squares(
             jtu.tree_map(jnp.sin, sol.solver_state)
         )
 
-    _check_against_recursive_checkpoint(loss, _Y0, _ARGS)
+    check_against_recursive_checkpoint(loss, _Y0, _ARGS)
 
 
 @pytest.mark.parametrize(
@@ -210,9 +187,9 @@ def test_time_gradients_constant_steps(dt0):
         sol = _solve(
             adjoint, t0=t0, t1=t1, dt0=dt0, saveat=diffrax.SaveAt(ts=ts, t1=True)
         )
-        return _finite_sum_of_squares(sol.ys) + jnp.sum(jnp.sin(sol.ts))
+        return finite_sum_of_squares(sol.ys) + jnp.sum(jnp.sin(sol.ts))
 
-    _check_against_recursive_checkpoint(
+    check_against_recursive_checkpoint(
         loss, jnp.array(0.0), jnp.array(2.0), jnp.array(dt0), _TS
     )
 
@@ -228,9 +205,9 @@ def test_time_gradients_step_to():
             saveat=diffrax.SaveAt(t0=True, ts=ts, t1=True),
             stepsize_controller=controller,
         )
-        return _finite_sum_of_squares(sol.ys) + jnp.sum(sol.ts)
+        return finite_sum_of_squares(sol.ys) + jnp.sum(sol.ts)
 
-    _check_against_recursive_checkpoint(loss, jnp.array(0.0), jnp.array(2.0), _TS)
+    check_against_recursive_checkpoint(loss, jnp.array(0.0), jnp.array(2.0), _TS)
 
 
 @pytest.mark.parametrize(
@@ -252,7 +229,7 @@ def test_time_gradients_under_vmap_are_not_multiplied_by_the_batch_size(solver):
     def solve(adjoint, t1, y0):
         saveat = diffrax.SaveAt(t1=True, steps=True, fn=lambda t, y, args: y * t)
         sol = _solve(adjoint, y0=y0, t1=t1, dt0=t1 / 5, saveat=saveat, solver=solver)
-        return _finite_sum_of_squares(sol.ys) + jnp.sum(jnp.sin(sol.ts))
+        return finite_sum_of_squares(sol.ys) + jnp.sum(jnp.sin(sol.ts))
 
     def batched(t1):
         return jnp.sum(jax.vmap(ft.partial(solve, dr.ReversibleAdjoint(), t1))(y0s))
@@ -262,17 +239,17 @@ def test_time_gradients_under_vmap_are_not_multiplied_by_the_batch_size(solver):
         return sum(solve(adjoint, t1, y0) for y0 in y0s)
 
     t1 = jnp.array(2.0)
-    _assert_grads_close(jax.grad(batched)(t1), jax.grad(one_by_one)(t1))
+    assert_grads_close(jax.grad(batched)(t1), jax.grad(one_by_one)(t1))
 
 
 def test_time_gradients_zero_length_interval():
     def loss(adjoint, y0, t0, t1, ts):
         saveat = diffrax.SaveAt(t0=True, ts=ts, t1=True)
         sol = _solve(adjoint, y0=y0, t0=t0, t1=t1, saveat=saveat)
-        return _finite_sum_of_squares(sol.ys) + jnp.sum(sol.ts)
+        return finite_sum_of_squares(sol.ys) + jnp.sum(sol.ts)
 
     t = jnp.array(0.5)
-    _check_against_recursive_checkpoint(loss, _Y0, t, t, jnp.array([0.5, 0.5]))
+    check_against_recursive_checkpoint(loss, _Y0, t, t, jnp.array([0.5, 0.5]))
 
 
 def _event_loss(cond_fn, *, root_finder=True, saveat=None, **kwargs):
@@ -291,7 +268,7 @@ def _event_loss(cond_fn, *, root_finder=True, saveat=None, **kwargs):
             saveat=saveat or diffrax.SaveAt(t1=True),
             **kwargs,
         )
-        return _finite_sum_of_squares(sol.ys) + _finite_sum_of_squares(sol.ts)
+        return finite_sum_of_squares(sol.ys) + finite_sum_of_squares(sol.ts)
 
     return loss
 
@@ -322,7 +299,7 @@ _EVENTS = {
 
 @pytest.mark.parametrize("name", _EVENTS)
 def test_event_gradients(name):
-    _check_against_recursive_checkpoint(_event_loss(**_EVENTS[name]), _Y0, _ARGS)
+    check_against_recursive_checkpoint(_event_loss(**_EVENTS[name]), _Y0, _ARGS)
 
 
 def test_event_time_gradient_through_closure_and_fn():
@@ -336,7 +313,7 @@ def test_event_time_gradient_through_closure_and_fn():
         sol = _solve(adjoint, y0=y0, t1=5.0, event=event, saveat=saveat)
         return jnp.sum(sol.ys) + jnp.sum(sol.ts)
 
-    grads = _check_against_recursive_checkpoint(loss, _Y0, jnp.array(0.3))
+    grads = check_against_recursive_checkpoint(loss, _Y0, jnp.array(0.3))
     assert float(jnp.abs(grads[1])) > 0
 
 
@@ -347,7 +324,7 @@ def test_event_without_root_finder_and_time_dependent_fn(event):
     # pulled back through `fn` at `t1` itself: wrong whenever `fn` depends on `t`.
     saveat = diffrax.SaveAt(t1=True, fn=lambda t, y, args: t * y)
     loss = _event_loss(_EVENTS[event]["cond_fn"], root_finder=False, saveat=saveat)
-    _check_against_recursive_checkpoint(loss, _Y0, _ARGS)
+    check_against_recursive_checkpoint(loss, _Y0, _ARGS)
 
 
 def test_step_to_gradients_with_respect_to_its_times():
@@ -364,16 +341,16 @@ def test_step_to_gradients_with_respect_to_its_times():
             stepsize_controller=diffrax.StepTo(ts),
             saveat=diffrax.SaveAt(ts=_TS, steps=True, t1=True),
         )
-        return _finite_sum_of_squares(sol.ys) + _finite_sum_of_squares(sol.ts)
+        return finite_sum_of_squares(sol.ys) + finite_sum_of_squares(sol.ts)
 
     ts = jnp.array([0.0, 0.1, 0.25, 0.5, 0.6, 0.9, 1.2, 1.5, 1.8, 2.0])
-    grads = _check_against_recursive_checkpoint(loss, ts, _Y0, _ARGS)
+    grads = check_against_recursive_checkpoint(loss, ts, _Y0, _ARGS)
     assert float(jnp.max(jnp.abs(grads[0][1:-1]))) > 0
 
     def loss_t1(adjoint, t1, y0, args):
         return loss(adjoint, jnp.linspace(0.0, t1, 21), y0, args)
 
-    _check_against_recursive_checkpoint(loss_t1, jnp.array(2.0), _Y0, _ARGS)
+    check_against_recursive_checkpoint(loss_t1, jnp.array(2.0), _Y0, _ARGS)
 
 
 def test_event_under_vmap():
@@ -384,7 +361,7 @@ def test_event_under_vmap():
     ours = batched(y0s)
     for y0, ours_i in zip(y0s, ours):
         ref = jax.grad(lambda y0: loss(diffrax.RecursiveCheckpointAdjoint(), y0, _ARGS))
-        _assert_grads_close(ours_i, ref(y0))
+        assert_grads_close(ours_i, ref(y0))
 
 
 @pytest.mark.parametrize(
@@ -427,9 +404,9 @@ def test_controllers(controller):
             saveat=saveat,
             stepsize_controller=controller,
         )
-        return _finite_sum_of_squares(sol.ys)
+        return finite_sum_of_squares(sol.ys)
 
-    _check_against_recursive_checkpoint(loss, _Y0, _ARGS, _TS)
+    check_against_recursive_checkpoint(loss, _Y0, _ARGS, _TS)
 
 
 @pytest.mark.parametrize(
@@ -449,10 +426,10 @@ def test_native_reversible_solvers(solver, controller):
         max_steps=256,
     )
     if isinstance(controller, diffrax.ConstantStepSize):
-        _check_against_recursive_checkpoint(loss, *_ALL_INPUTS)
+        check_against_recursive_checkpoint(loss, *_ALL_INPUTS)
     else:
         loss_no_t = lambda adjoint, y0, args, ts: loss(adjoint, y0, args, 0.0, 2.0, ts)
-        _check_against_recursive_checkpoint(loss_no_t, _Y0, _ARGS, _TS)
+        check_against_recursive_checkpoint(loss_no_t, _Y0, _ARGS, _TS)
 
 
 def test_semi_implicit_euler():
@@ -473,9 +450,9 @@ def test_semi_implicit_euler():
             adjoint=adjoint,
             max_steps=64,
         )
-        return _finite_sum_of_squares(sol.ys)
+        return finite_sum_of_squares(sol.ys)
 
-    _check_against_recursive_checkpoint(
+    check_against_recursive_checkpoint(
         loss, jnp.array(1.0), jnp.array(0.5), _ARGS, jnp.array(2.0)
     )
 
@@ -506,9 +483,9 @@ def test_semi_implicit_euler_with_closures_over_a_network():
             adjoint=adjoint,
             max_steps=64,
         )
-        return _finite_sum_of_squares(sol.ys)
+        return finite_sum_of_squares(sol.ys)
 
-    _check_against_recursive_checkpoint(
+    check_against_recursive_checkpoint(
         loss, mlp_params, jnp.array(1.0), jnp.array(0.5), jnp.array(1.2)
     )
 
@@ -537,7 +514,7 @@ def test_reversible_heun_sde():
         )
         return jnp.sum(sol.ys**2)
 
-    _check_against_recursive_checkpoint(loss, _Y0, _ARGS)
+    check_against_recursive_checkpoint(loss, _Y0, _ARGS)
 
 
 def _saved_values(adjoint, args, solver=None):
@@ -553,7 +530,7 @@ def _saved_values(adjoint, args, solver=None):
 def test_jacrev():
     ref = jax.jacrev(ft.partial(_saved_values, diffrax.RecursiveCheckpointAdjoint()))
     ours = jax.jacrev(ft.partial(_saved_values, dr.ReversibleAdjoint()))
-    _assert_grads_close(ours(_ARGS), ref(_ARGS))
+    assert_grads_close(ours(_ARGS), ref(_ARGS))
 
 
 def test_jacfwd_and_hessian_with_forward_mode():
@@ -562,12 +539,12 @@ def test_jacfwd_and_hessian_with_forward_mode():
     solver = dr.Reversible(diffrax.Tsit5())
     forward = lambda args: _saved_values(diffrax.ForwardMode(), args, solver)
     reverse = lambda args: _saved_values(dr.ReversibleAdjoint(), args, solver)
-    _assert_grads_close(jax.jacfwd(forward)(_ARGS), jax.jacrev(reverse)(_ARGS))
+    assert_grads_close(jax.jacfwd(forward)(_ARGS), jax.jacrev(reverse)(_ARGS))
 
     scalar = lambda adjoint: lambda args: jnp.sum(_saved_values(adjoint, args, solver))
     hessian_ref = jax.hessian(scalar(diffrax.DirectAdjoint()))(_ARGS)
     hessian = jax.jacfwd(jax.jacfwd(scalar(diffrax.ForwardMode())))(_ARGS)
-    _assert_grads_close(hessian, hessian_ref)
+    assert_grads_close(hessian, hessian_ref)
 
 
 def test_hessian_forward_over_reverse():
@@ -582,7 +559,7 @@ def test_hessian_forward_over_reverse():
     argnums = (0, 1)
     ref = jax.hessian(loss(diffrax.DirectAdjoint()), argnums)(_Y0, _ARGS)
     ours = jax.hessian(loss(dr.ReversibleAdjoint()), argnums)(_Y0, _ARGS)
-    _assert_grads_close(ours, ref)
+    assert_grads_close(ours, ref)
 
 
 def test_forward_mode_through_reversible_adjoint_raises():
@@ -604,7 +581,7 @@ def test_progress_meter(capfd):
         )
         return jnp.sum(sol.ys**2)
 
-    _check_against_recursive_checkpoint(loss, _Y0, _ARGS)
+    check_against_recursive_checkpoint(loss, _Y0, _ARGS)
     assert "100.00%" in capfd.readouterr().err
 
 
@@ -620,13 +597,13 @@ def test_vmap_steps_and_fn_with_different_step_counts():
             saveat=saveat,
             stepsize_controller=diffrax.PIDController(rtol=1e-5, atol=1e-7),
         )
-        return _finite_sum_of_squares(sol.ys)
+        return finite_sum_of_squares(sol.ys)
 
     y0s = jnp.array([[1.0, 0.5], [0.1, 0.0], [3.0, -2.0]])
     ours = jax.vmap(jax.grad(ft.partial(loss, dr.ReversibleAdjoint())))(y0s)
     for y0, ours_i in zip(y0s, ours):
         ref = jax.grad(ft.partial(loss, diffrax.RecursiveCheckpointAdjoint()))(y0)
-        _assert_grads_close(ours_i, ref)
+        assert_grads_close(ours_i, ref)
 
 
 # Found in review: ties in Diffrax's `jnp.minimum`s of step times, events that stop
@@ -640,7 +617,7 @@ def test_single_step_time_gradients():
         sol = _solve(adjoint, t0=t0, t1=t1, dt0=dt0, saveat=saveat)
         return jnp.sum(sol.ts[0]) + jnp.sum(sol.evaluate(1.3) ** 2)
 
-    _check_against_recursive_checkpoint(
+    check_against_recursive_checkpoint(
         loss, jnp.array(0.0), jnp.array(2.0), jnp.array(2.0)
     )
 
@@ -650,9 +627,9 @@ def test_event_without_root_finder_time_gradients():
         event = diffrax.Event(lambda t, y, args, **kwargs: y[0] + 0.5)
         saveat = diffrax.SaveAt(t1=True, steps=2)
         sol = _solve(adjoint, t0=t0, t1=t1, dt0=dt0, event=event, saveat=saveat)
-        return _finite_sum_of_squares(sol.ys) + _finite_sum_of_squares(sol.ts)
+        return finite_sum_of_squares(sol.ys) + finite_sum_of_squares(sol.ts)
 
-    _check_against_recursive_checkpoint(
+    check_against_recursive_checkpoint(
         loss, jnp.array(0.0), jnp.array(5.0), jnp.array(0.1)
     )
 
@@ -664,7 +641,7 @@ def test_event_with_infinite_t1(root_finder):
         sol = _solve(adjoint, t0=t0, t1=jnp.inf, dt0=dt0, event=event)
         return jnp.sum(sol.ts) + jnp.sum(sol.ys**2)
 
-    _check_against_recursive_checkpoint(loss, jnp.array(0.0), jnp.array(0.1))
+    check_against_recursive_checkpoint(loss, jnp.array(0.0), jnp.array(0.1))
 
 
 def test_event_cond_fn_reading_times():
@@ -676,4 +653,4 @@ def test_event_cond_fn_reading_times():
         sol = _solve(adjoint, t1=t1, dt0=dt0, event=event)
         return jnp.sum(sol.ts) + jnp.sum(sol.ys**2)
 
-    _check_against_recursive_checkpoint(loss, jnp.array(5.0), jnp.array(0.1))
+    check_against_recursive_checkpoint(loss, jnp.array(5.0), jnp.array(0.1))
