@@ -6,7 +6,7 @@ profile: `python -m tests.random_configs --cases 500 --seed S`).
   `FAST_SEED` whose estimated compile cost is at most `FAST_MAX_COST` (about half of
   cases; the costly rest, e.g. adaptive SDEs checked against a `StepTo` reference, run
   in the CI and long profiles).
-- CI profile (`-m slow`): `DIFFRAX_REVERSIBLE_RANDOM_CASES` cases (default 40) of
+- CI profile (`-m slow`): `DIFFRAX_REVERSIBLE_RANDOM_CASES` cases (default 24) of
   `DIFFRAX_REVERSIBLE_RANDOM_SEED` (default `CI_DEFAULT_SEED`; `random`: a seed that
   changes from run to run, the same in every `pytest-xdist` worker of one run). The
   seed is in every failure.
@@ -49,7 +49,7 @@ def _ci_seed() -> int:
 
 
 CI_SEED = _ci_seed()
-CI_CASES = int(os.environ.get("DIFFRAX_REVERSIBLE_RANDOM_CASES", "40"))
+CI_CASES = int(os.environ.get("DIFFRAX_REVERSIBLE_RANDOM_CASES", "24"))
 
 
 def _check(seed: int, index: int):
