@@ -15,13 +15,6 @@ from ._custom_types import Args, DenseInfo, RealScalarLike, Y
 from ._reversible_solver import AbstractReversibleSolver
 
 
-NATIVE_REVERSIBLE_SOLVERS = (
-    diffrax.ReversibleHeun,
-    diffrax.LeapfrogMidpoint,
-    diffrax.SemiImplicitEuler,
-)
-
-
 def _invert_reversible_heun(terms, t0, t1, y1, args, state1, t_before):
     del t_before
     # Forward: yhat1 = 2 y0 - yhat0 + f0 dt; y1 = y0 + (f0 + f1) dt / 2; f1 = f(yhat1).
@@ -56,6 +49,7 @@ _INVERSES = {
     diffrax.LeapfrogMidpoint: _invert_leapfrog_midpoint,
     diffrax.SemiImplicitEuler: _invert_semi_implicit_euler,
 }
+NATIVE_REVERSIBLE_SOLVERS = tuple(_INVERSES)
 
 
 def is_invertible(solver: diffrax.AbstractSolver) -> bool:
