@@ -51,7 +51,7 @@ from ._misc import error_dtype, is_none, relative_error, tree_add
 from ._native import (
     is_invertible,
     NATIVE_REVERSIBLE_SOLVERS,
-    reverse_step_by_inverse,
+    undo_step_by_inverse,
 )
 from ._reversible_solver import AbstractReversibleSolver
 from ._solver import Reversible, UNSTABLE_COUPLING_MESSAGE
@@ -807,11 +807,12 @@ def _loop_reversible_bwd(
 
     def reverse_step(k, step_t0, step_t1, y1, z1, y1_bar, z1_bar, dense_info_cotangent):
         if type(solver) is Reversible:
-            undo_step = solver.reverse_step
+            undo_step = solver.undo_step
         else:
             t_before = step_start(jnp.maximum(k - 1, 0))
-            undo_step = ft.partial(reverse_step_by_inverse, solver, t_before=t_before)
-        return undo_step(
+            undo_step = ft.partial(undo_step_by_inverse, solver, t_before=t_before)
+        dense = dense_info_cotangent is not None
+        state0, dense_info, pull_back = undo_step(
             terms,
             step_t0,
             step_t1,
@@ -820,9 +821,15 @@ def _loop_reversible_bwd(
             args,
             y1_bar,
             z1_bar,
-            dense_info_cotangent,
+            dense,
             with_step_times,
         )
+        # The outputs interpolated within the step, pulled back to its `dense_info`.
+        if dense:
+            dense_info_bar, aux = dense_info_cotangent(dense_info)
+        else:
+            dense_info_bar, aux = None, None
+        return state0, pull_back(dense_info_bar), aux
 
     event_bar = _zeros_like_diff(event)
     with_event_outputs = bool(t1_event_cotangents)

@@ -4,7 +4,6 @@ solvers (whose inverses are here, so that [`diffrax_reversible.ReversibleAdjoint
 can use them without a wrapper)."""
 
 from collections.abc import Callable
-from typing import Any
 
 import diffrax
 import equinox as eqx
@@ -53,7 +52,7 @@ NATIVE_REVERSIBLE_SOLVERS = tuple(_INVERSES)
 
 
 def is_invertible(solver: diffrax.AbstractSolver) -> bool:
-    """Whether `solver`'s steps can be undone by `reverse_step_by_inverse`."""
+    """Whether `solver`'s steps can be undone by `undo_step_by_inverse`."""
     return (
         isinstance(solver, AbstractReversibleSolver)
         or type(solver) in NATIVE_REVERSIBLE_SOLVERS
@@ -66,7 +65,7 @@ def _backward_step(solver, terms, t0, t1, y1, args, state1, t_before):
     return _INVERSES[type(solver)](terms, t0, t1, y1, args, state1, t_before)
 
 
-def reverse_step_by_inverse(
+def undo_step_by_inverse(
     solver: diffrax.AbstractSolver,
     terms: PyTree[diffrax.AbstractTerm],
     t0: RealScalarLike,
@@ -76,20 +75,19 @@ def reverse_step_by_inverse(
     args: Args,
     y1_bar: Y,
     state1_bar: PyTree,
-    dense_info_cotangent: Callable[[DenseInfo], tuple[DenseInfo, Any]] | None,
+    dense: bool,
     time_cotangents: bool = False,
     *,
     t_before: RealScalarLike,
-):
-    """As [`diffrax_reversible.Reversible.reverse_step`][], for a solver of
-    `is_invertible`: undo the step by its closed-form inverse, then take the
-    vector-Jacobian product of the solver's own `step` at the recovered start.
+) -> tuple[tuple[Y, PyTree], DenseInfo | None, Callable[[DenseInfo | None], tuple]]:
+    """As [`diffrax_reversible.Reversible.undo_step`][], for a solver of
+    `is_invertible`: undo the step by its closed-form inverse, and linearise the
+    solver's own `step` at the recovered start.
 
     `t_before` is where the previous step started (where this one starts, for the
     first step).
     """
     y0, state0 = _backward_step(solver, terms, t0, t1, y1, args, state1, t_before)
-    dense = dense_info_cotangent is not None
     times = (t0, t1) if time_cotangents else None
 
     def step(y0, state0, args, terms, times):
@@ -99,10 +97,11 @@ def reverse_step_by_inverse(
         )
         return y1, state1, dense_info if dense else None
 
-    (_, _, dense_info), pull_back = eqx.filter_vjp(step, y0, state0, args, terms, times)
-    if dense:
-        dense_info_bar, aux = dense_info_cotangent(dense_info)
-    else:
-        dense_info_bar, aux = None, None
-    cotangents = pull_back((y1_bar, state1_bar, dense_info_bar))
-    return (y0, state0), cotangents, aux
+    (_, _, dense_info), pull_back_step = eqx.filter_vjp(
+        step, y0, state0, args, terms, times
+    )
+
+    def pull_back(dense_info_bar):
+        return pull_back_step((y1_bar, state1_bar, dense_info_bar))
+
+    return (y0, state0), dense_info, pull_back

@@ -33,7 +33,6 @@ class _ReversibleState(eqx.Module):
 _SolverState: TypeAlias = _ReversibleState
 
 
-
 # The automatic coupling's range: at most the fixed default (so neutral and oscillatory
 # dynamics are unchanged), and at least a value below which reconstructing even one
 # step loses more digits (`-log10 λ`) than it is worth.
@@ -216,7 +215,7 @@ UNSTABLE_COUPLING_MESSAGE = (
     "`Reversible`: the coupled scheme is unstable on this problem: its two states "
     "`y` and `z` drifted apart (its parasitic mode grew), so the solution is not to be "
     "trusted. This happens on strongly decaying (damped, stiff) dynamics. Consider "
-    "`Reversible(..., coupling_parameter=\"auto\")` (the default) instead of a fixed "
+    '`Reversible(..., coupling_parameter="auto")` (the default) instead of a fixed '
     "coupling, a smaller coupling parameter, or smaller steps (e.g. a smaller `dt0`, or "
     "`dtmax` on the step size controller). "
     "`diffrax_reversible.check_stability` suggests a coupling and a step size."
@@ -638,9 +637,7 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
         y1_back, _, _, _ = self.base_step(terms, t1, t0, y1, args)
         z0 = (z1**ω - y1**ω + y1_back**ω).ω
         z_step, y_error, _, _ = self.base_step(terms, t0, t1, z0, args)
-        coupling, log_growth = self._coupling(
-            terms, t0, t1, z0, args, z_step, y_error
-        )
+        coupling, log_growth = self._coupling(terms, t0, t1, z0, args, z_step, y_error)
         y0 = ((y1**ω - z_step**ω) / coupling + z0**ω).ω
         return y0, _previous_state(state1, z0, log_growth)
 
@@ -657,13 +654,8 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
         dense_info_cotangent: Callable[[DenseInfo], tuple[DenseInfo, Any]] | None,
         time_cotangents: bool = False,
     ) -> tuple[tuple[Y, Y], tuple[Y, Y, Args, PyTree, Any], Any]:
-        """Undoes one step and pulls cotangents back through it, in one pass.
-
-        The two base steps that the inverse evaluates, `Φ_{-h}(t1, y1)` and
-        `Φ_h(t0, z0)`, are the same ones the step's vector-Jacobian product needs: each
-        is evaluated once, under `eqx.filter_vjp`, and serves both. The first is pulled
-        back before the second is linearised, so that only one base step's residuals
-        are alive at a time.
+        """Undoes one step and pulls cotangents back through it: `undo_step`, then its
+        pull-back.
 
         **Arguments:**
 
@@ -684,6 +676,46 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
         without one).
         """
         dense = dense_info_cotangent is not None
+        state0, dense_info, pull_back = self.undo_step(
+            terms, t0, t1, y1, z1, args, y1_bar, z1_bar, dense, time_cotangents
+        )
+        if dense:
+            dense_info_bar, aux = dense_info_cotangent(dense_info)
+        else:
+            dense_info_bar, aux = None, None
+        return state0, pull_back(dense_info_bar), aux
+
+    def undo_step(
+        self,
+        terms: PyTree[diffrax.AbstractTerm],
+        t0: RealScalarLike,
+        t1: RealScalarLike,
+        y1: Y,
+        z1: Y,
+        args: Args,
+        y1_bar: Y,
+        z1_bar: Y,
+        dense: bool,
+        time_cotangents: bool = False,
+    ) -> tuple[tuple[Y, Y], DenseInfo | None, Callable[[DenseInfo | None], tuple]]:
+        """Undoes one step, and returns the pull-back of its vector-Jacobian product.
+
+        The two base steps that the inverse evaluates, `Φ_{-h}(t1, y1)` and
+        `Φ_h(t0, z0)`, are the same ones the step's vector-Jacobian product needs: each
+        is evaluated once, under `eqx.filter_vjp`, and serves both. The first is pulled
+        back (with `z1_bar`) before the second is linearised, so that only one base
+        step's residuals are alive at a time.
+
+        **Arguments:** as `reverse_step`; `dense` says whether the step's `dense_info`
+        is wanted (anything saved from the dense output).
+
+        **Returns:**
+
+        `((y0, z0), dense_info, pull_back)`: the state at `t0`, the step's `dense_info`
+        (`None` without `dense`), and a function from the cotangent of `dense_info`
+        (`None` without `dense`) to `(y0_bar, z0_bar, args_bar, terms_bar, times_bar)`
+        as `reverse_step` returns them.
+        """
         # The scale in the state is carried unchanged: its cotangent passes through.
         state1, state1_bar = z1, z1_bar
         z1, z1_bar = state1.z, state1_bar.z
@@ -715,41 +747,45 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
         (z_step, base_dense_info), pull_back_forward, y_error = eqx.filter_vjp(
             forward_base_step, z0, args, terms, times, has_aux=True
         )
-        coupling, log_growth = self._coupling(
-            terms, t0, t1, z0, args, z_step, y_error
-        )
+        coupling, log_growth = self._coupling(terms, t0, t1, z0, args, z_step, y_error)
         y0 = ((y1**ω - z_step**ω) / coupling + z0**ω).ω
-        if dense:
-            dense_info = _dense_info(base_dense_info, y0, z0, y1, z_step)
-            dense_info_bar, aux = dense_info_cotangent(dense_info)
-            offset0_bar = dense_info_bar["y0_offset"]
-            offset1_bar = dense_info_bar["y1_offset"]
-            y1_bar = (y1_bar**ω + offset1_bar**ω).ω
-            z_step_bar = (y1_bar**ω - offset1_bar**ω).ω
-            y0_bar = (coupling * y1_bar**ω + offset0_bar**ω).ω
-            z0_bar = (z1_bar**ω - coupling * y1_bar**ω - offset0_bar**ω).ω
-            base_dense_info_bar = dense_info_bar["base"]
-        else:
-            aux = None
-            z_step_bar = y1_bar
-            y0_bar = (coupling * y1_bar**ω).ω
-            z0_bar = (z1_bar**ω - coupling * y1_bar**ω).ω
-            base_dense_info_bar = None
-        z0_bar_via_step, args_bar_step, terms_bar_step, times_bar_step = (
-            pull_back_forward((z_step_bar, base_dense_info_bar))
-        )
-        z0_bar = (z0_bar**ω + z0_bar_via_step**ω).ω
-        args_bar = tree_add(args_bar, args_bar_step)
-        terms_bar = tree_add(terms_bar, terms_bar_step)
-        times_bar = tree_add(times_bar, times_bar_step)
         state0 = _previous_state(state1, z0, log_growth)
-        # As the step's own VJP: `log_growth` is carried on, `peak` is not differentiated.
-        state0_bar = _ReversibleState(
-            z=z0_bar,
-            peak=[jnp.zeros_like(p) for p in state1_bar.peak],
-            log_growth=state1_bar.log_growth,
-        )
-        return (y0, state0), (y0_bar, state0_bar, args_bar, terms_bar, times_bar), aux
+        dense_info = _dense_info(base_dense_info, y0, z0, y1, z_step) if dense else None
+
+        def pull_back(dense_info_bar):
+            if dense:
+                offset0_bar = dense_info_bar["y0_offset"]
+                offset1_bar = dense_info_bar["y1_offset"]
+                y1_bar_all = (y1_bar**ω + offset1_bar**ω).ω
+                z_step_bar = (y1_bar_all**ω - offset1_bar**ω).ω
+                y0_bar = (coupling * y1_bar_all**ω + offset0_bar**ω).ω
+                z0_bar = (z1_bar**ω - coupling * y1_bar_all**ω - offset0_bar**ω).ω
+                base_dense_info_bar = dense_info_bar["base"]
+            else:
+                z_step_bar = y1_bar
+                y0_bar = (coupling * y1_bar**ω).ω
+                z0_bar = (z1_bar**ω - coupling * y1_bar**ω).ω
+                base_dense_info_bar = None
+            z0_bar_via_step, args_bar_step, terms_bar_step, times_bar_step = (
+                pull_back_forward((z_step_bar, base_dense_info_bar))
+            )
+            z0_bar = (z0_bar**ω + z0_bar_via_step**ω).ω
+            # As the step's own VJP: `log_growth` is carried on, `peak` is not
+            # differentiated.
+            state0_bar = _ReversibleState(
+                z=z0_bar,
+                peak=[jnp.zeros_like(p) for p in state1_bar.peak],
+                log_growth=state1_bar.log_growth,
+            )
+            return (
+                y0_bar,
+                state0_bar,
+                tree_add(args_bar, args_bar_step),
+                tree_add(terms_bar, terms_bar_step),
+                tree_add(times_bar, times_bar_step),
+            )
+
+        return (y0, state0), dense_info, pull_back
 
     def base_step(
         self,
@@ -829,10 +865,9 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
         # and by about `e^{|a h|}` through the dynamics: where they contract, and,
         # where they expand, through the parasitic mode they then damp.
         float_dtype = jnp.result_type(float)
-        log_growth = (
-            -jnp.log(lax.stop_gradient(coupling)).astype(float_dtype)
-            + jnp.abs(decay).astype(float_dtype)
-        )
+        log_growth = -jnp.log(lax.stop_gradient(coupling)).astype(
+            float_dtype
+        ) + jnp.abs(decay).astype(float_dtype)
         return coupling, log_growth
 
     def _solver_with_scan_kind(self) -> diffrax.AbstractSolver:
