@@ -1,3 +1,4 @@
+import dataclasses
 import functools as ft
 import types
 from collections.abc import Callable
@@ -607,29 +608,96 @@ def _pull_back_saved_ts(
     return pointer, inputs_bar, fn_ts_bar
 
 
-@_loop_reversible.def_bwd
-def _loop_reversible_bwd(
-    residuals: _Residuals,
-    grad_final_state__aux_stats,
-    perturbed,
-    diff_inputs,
-    *,
-    self,
-    solver,
-    stepsize_controller,
-    max_steps,
-    **kwargs,
-):
-    del kwargs
-    grad_final_state, _ = grad_final_state__aux_stats
-    y0, z0, args, terms, saveat, (t0, t1, dt0), event, step_ts = diff_inputs
-    with_step_times = _times_perturbed(perturbed)
-    record = residuals.record
-    checkpoints = record.checkpoints
-    num_steps = residuals.num_steps
-    time_dtype = jnp.result_type(t0)
-    zero_time = jnp.zeros((), time_dtype)
+class _Interval(eqx.Module):
+    """Where step `k` lies: its start and end, and the end of step `k - 1` (`-inf`
+    for the first step)."""
 
+    t0: Array
+    t1: Array
+    prev_end: Array
+
+
+class _TimeCotangents(eqx.Module):
+    """The cotangents of `t0`, `t1`, `dt0`, `StepTo.ts`, and of the end of the step
+    being undone (pulled back to those once the step is done)."""
+
+    t0: Array
+    t1: Array
+    dt0: Array
+    end: Array
+    step_ts: Array | None
+
+
+class _BackwardCarry(eqx.Module):
+    """The backward loop's state at the end of step `k`."""
+
+    k: Array
+    state: tuple[PyTree[Array], PyTree]
+    state_bar: tuple[PyTree[Array], PyTree]
+    args_bar: PyTree[Array]
+    terms_bar: PyTree[Array]
+    # Per `SubSaveAt`: how many of its `ts` remain to be pulled back, and the
+    # cotangents of its `fn` and `ts`.
+    pointers: tuple[Array, ...]
+    save_bars: tuple[_SaveCotangents, ...]
+    times: _TimeCotangents
+    max_error: Array
+    checkpoint_pointer: Array
+
+
+class _Backward(eqx.Module):
+    """What every part of the backward pass reads: the inputs of the solve, its
+    record, and the cotangents of its outputs."""
+
+    solver: diffrax.AbstractSolver
+    stepsize_controller: diffrax.AbstractStepSizeController
+    max_steps: int
+    adjoint: "ReversibleAdjoint"
+    residuals: _Residuals
+    inputs: tuple
+    outputs: list[_Outputs]
+    grad_z_final: PyTree | None
+    grad_dense_infos: PyTree | None
+    grad_dense_ts: Array | None
+    with_step_times: bool
+
+    @property
+    def record(self) -> _StepRecord:
+        return self.residuals.record
+
+    @property
+    def with_ts(self) -> list[int]:
+        return [i for i, out in enumerate(self.outputs) if out.num_ts]
+
+    @property
+    def with_steps(self) -> list[int]:
+        return [i for i, out in enumerate(self.outputs) if out.sub.steps]
+
+    def step_start(self, k):
+        record = self.record
+        if record.starts is not None:
+            return record.starts[k]
+        t0 = self.inputs[5][0]
+        return jnp.where(k > 0, record.ends[k - 1], t0)
+
+    def interval(self, k) -> _Interval:
+        # Under `vmap` the loop runs on for the elements that are done (`k < 0`), and
+        # discards what they compute. They redo step 0: a step within `[t0, t1]`, where
+        # the terms (a Brownian path) can be evaluated.
+        ends = self.record.ends
+        return _Interval(
+            t0=self.step_start(jnp.maximum(k, 0)),
+            t1=ends[jnp.maximum(k, 0)],
+            prev_end=jnp.where(k > 0, ends[k - 1], -jnp.inf),
+        )
+
+    def interpolation(self, dense_info, step_t0, step_t1):
+        return self.solver.interpolation_cls(t0=step_t0, t1=step_t1, **dense_info)
+
+
+def _output_cotangents(grad_final_state, saveat, residuals):
+    """The cotangents of the solve's outputs: per `SubSaveAt` (zeros where nothing
+    depends on an output), of the final solver state and of the dense output."""
     subs = jtu.tree_leaves(saveat.subs, is_leaf=_is_subsaveat)
     if grad_final_state is None:
         grad_ys = [None] * len(subs)
@@ -655,32 +723,28 @@ def _loop_reversible_bwd(
             subs, grad_ys, grad_ts, residuals.ys_shapes, residuals.ts_shapes
         )
     ]
-    with_ts = [i for i, out in enumerate(outputs) if out.num_ts]
-    with_steps = [i for i, out in enumerate(outputs) if out.sub.steps]
+    return outputs, grad_z_final, grad_dense_infos, grad_dense_ts
 
-    diff = _zeros_like_diff((y0, z0, args, terms))
-    y_bar, z_bar, args_bar, terms_bar = diff
-    if grad_z_final is not None:
-        z_bar = tree_add(z_bar, eqx.filter(grad_z_final, eqx.is_inexact_array))
-    save_bars = [
-        _SaveCotangents(
-            fn=_zeros_like_diff(out.sub.fn),
-            ts=None if out.sub.ts is None else jnp.zeros_like(out.sub.ts),
-        )
-        for out in outputs
-    ]
-    t0_bar, t1_bar, dt0_bar = zero_time, zero_time, zero_time
 
-    # Outputs at `t1`, unless the last step's save already was. After a terminating
-    # event they are interpolated within the last step instead: see below.
-    y_final = residuals.y_final
+def _add_fn_bar(save_bar: _SaveCotangents, fn_bar) -> _SaveCotangents:
+    return _SaveCotangents(fn=tree_add(save_bar.fn, fn_bar), ts=save_bar.ts)
+
+
+def _pull_back_at_t1(bwd: _Backward, carry: _BackwardCarry):
+    """The outputs at `t1`, unless the last step's save already was one. After a
+    terminating event they are interpolated within the last step instead: returned
+    per output, for `_pull_back_event`."""
+    residuals, record, num_steps = bwd.residuals, bwd.record, bwd.residuals.num_steps
+    _, _, args, _, _, (t0, t1, _), event, _ = bwd.inputs
+    (y_bar, z_bar), args_bar = carry.state_bar, carry.args_bar
+    save_bars = list(carry.save_bars)
+    t1_bar, last_end_bar = carry.times.t1, carry.times.end
     if _finds_event_root(event):
         event_happened = jnp.any(jnp.stack(jtu.tree_leaves(residuals.event.mask)))
     else:
         event_happened = False
-    t1_event_cotangents = {}
-    last_end_bar = zero_time
-    for i, out in enumerate(outputs):
+    event_cotangents = {}
+    for i, out in enumerate(bwd.outputs):
         steps = out.sub.steps
         if not out.sub.t1 or steps == 1:
             continue
@@ -688,7 +752,7 @@ def _loop_reversible_bwd(
         index = residuals.save_index[i] - 1
         cotangent = _where_tree(saved, (out.take(index), out.grad_ts[index]))
         if _finds_event_root(event):
-            t1_event_cotangents[i] = _where_tree(event_happened, cotangent)
+            event_cotangents[i] = _where_tree(event_happened, cotangent)
             cotangent = _where_tree(jnp.invert(event_happened), cotangent)
         cotangent, time_cotangent = cotangent
         # Saved at `min(end of the last step, t1)` (without steps: at `t0`): before
@@ -696,7 +760,7 @@ def _loop_reversible_bwd(
         last_end = record.ends[jnp.maximum(num_steps - 1, 0)]
         t_saved = jnp.where(num_steps > 0, jnp.minimum(last_end, t1), t0)
         t_bar, y_final_bar, args_bar_i, fn_bar = _pull_back_save(
-            out.sub.fn, t_saved, y_final, args, cotangent
+            out.sub.fn, t_saved, residuals.y_final, args, cotangent
         )
         t_bar = t_bar + time_cotangent
         to_t1 = _tie_share((num_steps > 0) & (last_end == t1), t_bar)
@@ -704,359 +768,349 @@ def _loop_reversible_bwd(
         last_end_bar = last_end_bar + t_bar - to_t1
         y_bar = tree_add(y_bar, y_final_bar)
         args_bar = tree_add(args_bar, args_bar_i)
-        save_bars[i] = _SaveCotangents(
-            fn=tree_add(save_bars[i].fn, fn_bar), ts=save_bars[i].ts
-        )
+        save_bars[i] = _add_fn_bar(save_bars[i], fn_bar)
+    carry = dataclasses.replace(
+        carry,
+        state_bar=(y_bar, z_bar),
+        args_bar=args_bar,
+        save_bars=tuple(save_bars),
+        times=dataclasses.replace(carry.times, t1=t1_bar, end=last_end_bar),
+    )
+    return carry, event_cotangents
 
+
+class _EventCotangents(eqx.Module):
+    """The outputs at a terminating event's time pulled back to the last step's
+    `dense_info` and times (added inside that step) and to everything else."""
+
+    info_bar: PyTree[Array]
+    step_times_bar: tuple[Array, Array]
+    args_bar: PyTree[Array]
+    terms_bar: PyTree[Array]
+    event_bar: PyTree[Array]
+    times_bar: tuple[Array, Array, Array]
+    fns_bar: dict[int, PyTree[Array]]
+
+
+def _pull_back_event(bwd: _Backward, event_cotangents) -> _EventCotangents:
+    """The outputs at the event time `t*`, `fn(t*, y(t*), args)` with `y` interpolated
+    in the last step, pulled back to that step's `dense_info` and times, `args`,
+    `terms`, the `fn`s and the event; `t*` itself by the implicit function theorem on
+    `cond_fn(t*, y(t*), ...) = 0`."""
+    _, _, args, terms, saveat, (t0, t1, dt0), event, _ = bwd.inputs
+    residuals, solver = bwd.residuals, bwd.solver
+    dense_info, step_times = residuals.event.dense_info, residuals.event.step_times
+    fns = {i: bwd.outputs[i].sub.fn for i in event_cotangents}
+    t_event = residuals.event_time
+
+    def outputs_at(t, dense_info, step_times, args, fns):
+        # Each output is `(fn(t*, y(t*), args), t*)`: the saved value and time.
+        y = bwd.interpolation(dense_info, *step_times).evaluate(t)
+        return {i: (fn(t, y, args), t) for i, fn in fns.items()}
+
+    _, pull_back = eqx.filter_vjp(
+        outputs_at, t_event, dense_info, step_times, args, fns
+    )
+    t_bar, info_bar, times_bar, args_bar, fns_bar = pull_back(event_cotangents)
+
+    def root_function(t, dense_info, step_times, args, terms, event, times):
+        # As Diffrax's: the triggered event's value, or for a boolean event the
+        # distance to the end of the step.
+        t0, t1, dt0 = times
+        y = bwd.interpolation(dense_info, *step_times).evaluate(t)
+        value = jnp.zeros((), jnp.result_type(t))
+        masks = jtu.tree_leaves(residuals.event.mask)
+        cond_fns = jtu.tree_leaves(event.cond_fn, is_leaf=callable)
+        kwargs = _cond_fn_kwargs(
+            terms, solver, t0, t1, dt0, saveat, bwd.stepsize_controller, bwd.max_steps
+        )
+        for mask, cond_fn in zip(masks, cond_fns):
+            value_i = cond_fn(t, y, args, **kwargs)
+            if jnp.issubdtype(jnp.result_type(value_i), jnp.bool_):
+                value_i = step_times[1] - t
+            value = value + jnp.where(mask, value_i, 0).astype(value.dtype)
+        return value
+
+    _, pull_back_root = eqx.filter_vjp(
+        root_function,
+        t_event,
+        dense_info,
+        step_times,
+        args,
+        terms,
+        event,
+        (t0, t1, dt0),
+    )
+    slope = pull_back_root(jnp.ones((), jnp.result_type(t_event)))[0]
+    # The event time of a tangential crossing (zero slope) has no derivative: NaN,
+    # unless nothing depends on it (no event, or a zero cotangent).
+    tangential = slope == 0
+    event_time_bar = jnp.where(
+        tangential,
+        jnp.where(t_bar == 0, 0.0, jnp.nan).astype(t_bar.dtype),
+        -t_bar / jnp.where(tangential, 1, slope),
+    )
+    _, *root_bars = pull_back_root(event_time_bar)
+    info_root_bar, times_root_bar, args_root_bar, terms_bar, event_bar, kw_bar = (
+        root_bars
+    )
+    return _EventCotangents(
+        info_bar=tree_add(info_bar, info_root_bar),
+        step_times_bar=tree_add(times_bar, times_root_bar),
+        args_bar=tree_add(args_bar, args_root_bar),
+        terms_bar=terms_bar,
+        event_bar=event_bar,
+        times_bar=kw_bar,
+        fns_bar=fns_bar,
+    )
+
+
+def _add_event_cotangents(bwd: _Backward, carry: _BackwardCarry, event_bars):
+    """Adds what `_pull_back_event` gives outside the last step into the carry."""
+    save_bars = list(carry.save_bars)
+    for i, fn_bar in event_bars.fns_bar.items():
+        save_bars[i] = _add_fn_bar(save_bars[i], fn_bar)
+    t0_bar_event, t1_bar_event, dt0_bar_event = event_bars.times_bar
+    times = carry.times
+    # Through the `t0`, `t1`, `dt0` that Diffrax passes to `cond_fn`.
+    times = dataclasses.replace(
+        times,
+        t0=times.t0 + t0_bar_event,
+        t1=times.t1 + t1_bar_event,
+        dt0=times.dt0 if bwd.inputs[5][2] is None else times.dt0 + dt0_bar_event,
+    )
+    return dataclasses.replace(
+        carry,
+        args_bar=tree_add(carry.args_bar, event_bars.args_bar),
+        terms_bar=tree_add(carry.terms_bar, event_bars.terms_bar),
+        save_bars=tuple(save_bars),
+        times=times,
+    )
+
+
+def _pull_back_step_saves(bwd: _Backward, carry: _BackwardCarry, step: _Interval):
+    """The outputs of `SaveAt(steps=...)` saved at the end of step `k`; returns the
+    carry and the cotangent of the time they were saved at."""
+    k, (y1, _) = carry.k, carry.state
+    args = bwd.inputs[2]
+    y1_bar, z1_bar = carry.state_bar
+    args_bar = carry.args_bar
+    save_bars = list(carry.save_bars)
+    saved_time_bar = jnp.zeros((), jnp.result_type(bwd.inputs[5][0]))
+    for i in bwd.with_steps:
+        out = bwd.outputs[i]
+        saved = (k + 1) % out.sub.steps == 0
+        num_ts_saved = carry.pointers[i] if out.num_ts else 0
+        index = out.step_index(k, num_ts_saved)
+        cotangent = _where_tree(saved, out.take(index))
+        t_bar, y1_bar_i, args_bar_i, fn_bar = _pull_back_save(
+            out.sub.fn, step.t1, y1, args, cotangent
+        )
+        t_bar = t_bar + jnp.where(saved, out.grad_ts[index], 0)
+        y1_bar = tree_add(y1_bar, y1_bar_i)
+        args_bar = tree_add(args_bar, args_bar_i)
+        save_bars[i] = _add_fn_bar(save_bars[i], fn_bar)
+        saved_time_bar = saved_time_bar + t_bar
+    carry = dataclasses.replace(
+        carry,
+        state_bar=(y1_bar, z1_bar),
+        args_bar=args_bar,
+        save_bars=tuple(save_bars),
+    )
+    return carry, saved_time_bar
+
+
+def _dense_info_cotangent(bwd, carry, step, event_bars):
+    """The outputs interpolated within step `k` (`SaveAt(ts=...)`, dense output, the
+    outputs at a terminating event in the last step) as a function of the step's
+    `dense_info`: returns its cotangent, and the cotangents of the step's times and
+    `args`, the new pointers into the `ts` and `SaveAt` cotangents."""
+    k, args = carry.k, bwd.inputs[2]
+
+    def cotangent(dense_info):
+        step_times = (step.t0, step.t1)
+        inputs_bar = _zeros_like_diff((dense_info, step_times, args))
+        if bwd.grad_dense_infos is not None:
+            info_bar = jtu.tree_map(
+                lambda g, x: jnp.zeros_like(x) if g is None else g[k],
+                bwd.grad_dense_infos,
+                eqx.filter(dense_info, eqx.is_inexact_array),
+                is_leaf=is_none,
+            )
+            inputs_bar = (tree_add(inputs_bar[0], info_bar), *inputs_bar[1:])
+        if event_bars is not None:
+            is_last = k == bwd.residuals.num_steps - 1
+            info_bar, times_bar, args_bar_saved = inputs_bar
+            inputs_bar = (
+                tree_add(info_bar, _where_tree(is_last, event_bars.info_bar)),
+                tree_add(times_bar, _where_tree(is_last, event_bars.step_times_bar)),
+                args_bar_saved,
+            )
+        pointers = list(carry.pointers)
+        save_bars = list(carry.save_bars)
+        for i in bwd.with_ts:
+            pointers[i], inputs_bar_i, save_bars[i] = _pull_back_saved_ts(
+                bwd.outputs[i],
+                k,
+                carry.pointers[i],
+                step.prev_end,
+                bwd.interpolation,
+                dense_info,
+                step_times,
+                args,
+                carry.save_bars[i],
+            )
+            inputs_bar = tree_add(inputs_bar, inputs_bar_i)
+        info_bar, step_times_bar, args_bar_saved = inputs_bar
+        return info_bar, (step_times_bar, args_bar_saved, pointers, save_bars)
+
+    return cotangent
+
+
+def _undo_step(bwd: _Backward, carry: _BackwardCarry, step: _Interval, event_bars):
+    """Undoes step `k` and pulls the cotangents back through it; returns the carry
+    (at the start of the step, with the step's time cotangents still to pull back)
+    and the cotangents of the step's start and end times."""
+    _, _, args, terms, _, _, _, _ = bwd.inputs
+    solver, k = bwd.solver, carry.k
+    if type(solver) is Reversible:
+        undo_step = solver.undo_step
+    else:
+        t_before = bwd.step_start(jnp.maximum(k - 1, 0))
+        undo_step = ft.partial(undo_step_by_inverse, solver, t_before=t_before)
     with_dense = (
-        bool(with_ts) or grad_dense_infos is not None or bool(t1_event_cotangents)
+        bool(bwd.with_ts) or bwd.grad_dense_infos is not None or event_bars is not None
     )
+    (y1, z1), (y1_bar, z1_bar) = carry.state, carry.state_bar
+    state0, dense_info, pull_back = undo_step(
+        terms,
+        step.t0,
+        step.t1,
+        y1,
+        z1,
+        args,
+        y1_bar,
+        z1_bar,
+        with_dense,
+        bwd.with_step_times,
+    )
+    pointers, save_bars = carry.pointers, carry.save_bars
+    if with_dense:
+        cotangent = _dense_info_cotangent(bwd, carry, step, event_bars)
+        dense_info_bar, aux = cotangent(dense_info)
+    else:
+        dense_info_bar, aux = None, None
+    y0_bar, z0_bar, args_bar_k, terms_bar_k, times_bar_k = pull_back(dense_info_bar)
+    t0_bar_k, t1_bar_k = (0, 0) if times_bar_k is None else times_bar_k
+    args_bar = tree_add(carry.args_bar, args_bar_k)
+    terms_bar = tree_add(carry.terms_bar, terms_bar_k)
+    if aux is not None:
+        (interp_t0_bar, interp_t1_bar), args_bar_saved, pointers, save_bars = aux
+        args_bar = tree_add(args_bar, args_bar_saved)
+        t0_bar_k = t0_bar_k + interp_t0_bar
+        t1_bar_k = t1_bar_k + interp_t1_bar
+    carry = dataclasses.replace(
+        carry,
+        state=state0,
+        state_bar=(y0_bar, z0_bar),
+        args_bar=args_bar,
+        terms_bar=terms_bar,
+        pointers=tuple(pointers),
+        save_bars=tuple(save_bars),
+    )
+    return carry, (t0_bar_k, t1_bar_k)
 
-    def step_start(k):
-        if record.starts is not None:
-            return record.starts[k]
-        return jnp.where(k > 0, record.ends[k - 1], t0)
 
-    def interpolation(dense_info, step_t0, step_t1):
-        return solver.interpolation_cls(t0=step_t0, t1=step_t1, **dense_info)
-
-    def pull_back_event(dense_info, step_times, args, terms, event, save_bars):
-        """The outputs at the event time `t*`, `fn(t*, y(t*), args)` with `y`
-        interpolated in the last step, pulled back to that step's `dense_info` and
-        times, `args`, `terms`, the `fn`s and the event; `t*` itself by the implicit
-        function theorem on `cond_fn(t*, y(t*), ...) = 0`."""
-        fns = {i: outputs[i].sub.fn for i in t1_event_cotangents}
-        t_event = residuals.event_time
-
-        def outputs_at(t, dense_info, step_times, args, fns):
-            # Each output is `(fn(t*, y(t*), args), t*)`: the saved value and time.
-            y = interpolation(dense_info, *step_times).evaluate(t)
-            return {i: (fn(t, y, args), t) for i, fn in fns.items()}
-
-        _, pull_back = eqx.filter_vjp(
-            outputs_at, t_event, dense_info, step_times, args, fns
-        )
-        t_bar, info_bar, times_bar, args_bar, fns_bar = pull_back(t1_event_cotangents)
-
-        def root_function(t, dense_info, step_times, args, terms, event, times):
-            # As Diffrax's: the triggered event's value, or for a boolean event the
-            # distance to the end of the step.
-            t0, t1, dt0 = times
-            y = interpolation(dense_info, *step_times).evaluate(t)
-            value = jnp.zeros((), jnp.result_type(t))
-            masks = jtu.tree_leaves(residuals.event.mask)
-            cond_fns = jtu.tree_leaves(event.cond_fn, is_leaf=callable)
-            for mask, cond_fn in zip(masks, cond_fns):
-                value_i = cond_fn(
-                    t,
-                    y,
-                    args,
-                    **_cond_fn_kwargs(
-                        terms,
-                        solver,
-                        t0,
-                        t1,
-                        dt0,
-                        saveat,
-                        stepsize_controller,
-                        max_steps,
-                    ),
-                )
-                if jnp.issubdtype(jnp.result_type(value_i), jnp.bool_):
-                    value_i = step_times[1] - t
-                value = value + jnp.where(mask, value_i, 0).astype(value.dtype)
-            return value
-
-        _, pull_back_root = eqx.filter_vjp(
-            root_function,
-            t_event,
-            dense_info,
-            step_times,
-            args,
-            terms,
-            event,
-            (t0, t1, dt0),
-        )
-        slope = pull_back_root(jnp.ones((), jnp.result_type(t_event)))[0]
-        # The event time of a tangential crossing (zero slope) has no derivative: NaN,
-        # unless nothing depends on it (no event, or a zero cotangent).
-        tangential = slope == 0
-        event_time_bar = jnp.where(
-            tangential,
-            jnp.where(t_bar == 0, 0.0, jnp.nan).astype(t_bar.dtype),
-            -t_bar / jnp.where(tangential, 1, slope),
-        )
-        _, *root_bars = pull_back_root(event_time_bar)
-        info_root_bar, times_root_bar, args_root_bar, terms_bar, event_bar, kw_bar = (
-            root_bars
-        )
-        save_bars = list(save_bars)
-        for i, fn_bar in fns_bar.items():
-            save_bars[i] = _SaveCotangents(
-                fn=tree_add(save_bars[i].fn, fn_bar), ts=save_bars[i].ts
-            )
-        return (
-            tree_add(info_bar, info_root_bar),
-            tree_add(times_bar, times_root_bar),
-            tree_add(args_bar, args_root_bar),
-            terms_bar,
-            event_bar,
-            kw_bar,
-            save_bars,
-        )
-
-    def reverse_step(k, step_t0, step_t1, y1, z1, y1_bar, z1_bar, dense_info_cotangent):
-        if type(solver) is Reversible:
-            undo_step = solver.undo_step
-        else:
-            t_before = step_start(jnp.maximum(k - 1, 0))
-            undo_step = ft.partial(undo_step_by_inverse, solver, t_before=t_before)
-        dense = dense_info_cotangent is not None
-        state0, dense_info, pull_back = undo_step(
-            terms,
-            step_t0,
-            step_t1,
-            y1,
-            z1,
-            args,
-            y1_bar,
-            z1_bar,
-            dense,
-            with_step_times,
-        )
-        # The outputs interpolated within the step, pulled back to its `dense_info`.
-        if dense:
-            dense_info_bar, aux = dense_info_cotangent(dense_info)
-        else:
-            dense_info_bar, aux = None, None
-        return state0, pull_back(dense_info_bar), aux
-
-    event_bar = _zeros_like_diff(event)
-    with_event_outputs = bool(t1_event_cotangents)
-    if with_event_outputs:
-        (
-            last_info_bar,
-            last_times_bar,
-            args_bar_event,
-            terms_bar_event,
-            event_bar,
-            (t0_bar_event, t1_bar_event, dt0_bar_event),
-            save_bars,
-        ) = pull_back_event(
-            residuals.event.dense_info,
-            residuals.event.step_times,
-            args,
-            terms,
-            event,
-            save_bars,
-        )
-        args_bar = tree_add(args_bar, args_bar_event)
-        terms_bar = tree_add(terms_bar, terms_bar_event)
-        # Through the `t0`, `t1`, `dt0` that Diffrax passes to `cond_fn`.
-        t0_bar = t0_bar + t0_bar_event
-        t1_bar = t1_bar + t1_bar_event
-        if dt0 is not None:
-            dt0_bar = dt0_bar + dt0_bar_event
-
-    def cond(carry):
-        k, *_ = carry
-        return k >= 0
-
-    def body(carry):
-        k, (y1, z1), (y1_bar, z1_bar), args_bar, terms_bar, *rest = carry
-        pointers, save_bars, times, max_error, checkpoint_pointer = rest
-        t0_bar, t1_bar, dt0_bar, end_bar, step_ts_bar = times
-        # Under `vmap` the loop runs on for the elements that are done (`k < 0`), and
-        # discards what they compute. They redo step 0: a step within `[t0, t1]`, where
-        # the terms (a Brownian path) can be evaluated.
-        step_t0 = step_start(jnp.maximum(k, 0))
-        step_t1 = record.ends[jnp.maximum(k, 0)]
-        prev_end = jnp.where(k > 0, record.ends[k - 1], -jnp.inf)
-        save_bars = list(save_bars)
-
-        # Outputs saved at the end of this step by `SaveAt(steps=...)`.
-        saved_time_bar = zero_time
-        for i in with_steps:
-            out = outputs[i]
-            saved = (k + 1) % out.sub.steps == 0
-            num_ts_saved = pointers[i] if out.num_ts else 0
-            index = out.step_index(k, num_ts_saved)
-            cotangent = _where_tree(saved, out.take(index))
-            t_bar, y1_bar_i, args_bar_i, fn_bar = _pull_back_save(
-                out.sub.fn, step_t1, y1, args, cotangent
-            )
-            t_bar = t_bar + jnp.where(saved, out.grad_ts[index], 0)
-            y1_bar = tree_add(y1_bar, y1_bar_i)
-            args_bar = tree_add(args_bar, args_bar_i)
-            save_bars[i] = _SaveCotangents(
-                fn=tree_add(save_bars[i].fn, fn_bar), ts=save_bars[i].ts
-            )
-            saved_time_bar = saved_time_bar + t_bar
-
-        def dense_info_cotangent(dense_info):
-            # Outputs interpolated within this step: `SaveAt(ts=...)` and dense output.
-            step_times = (step_t0, step_t1)
-            inputs_bar = _zeros_like_diff((dense_info, step_times, args))
-            if grad_dense_infos is not None:
-                info_bar = jtu.tree_map(
-                    lambda g, x: jnp.zeros_like(x) if g is None else g[k],
-                    grad_dense_infos,
-                    eqx.filter(dense_info, eqx.is_inexact_array),
-                    is_leaf=is_none,
-                )
-                inputs_bar = (tree_add(inputs_bar[0], info_bar), *inputs_bar[1:])
-            if with_event_outputs:
-                is_last = k == num_steps - 1
-                info_bar, times_bar, args_bar_saved = inputs_bar
-                inputs_bar = (
-                    tree_add(info_bar, _where_tree(is_last, last_info_bar)),
-                    tree_add(times_bar, _where_tree(is_last, last_times_bar)),
-                    args_bar_saved,
-                )
-            new_pointers = list(pointers)
-            new_save_bars = list(save_bars)
-            for i in with_ts:
-                new_pointers[i], inputs_bar_i, new_save_bars[i] = _pull_back_saved_ts(
-                    outputs[i],
-                    k,
-                    pointers[i],
-                    prev_end,
-                    interpolation,
-                    dense_info,
-                    step_times,
-                    args,
-                    save_bars[i],
-                )
-                inputs_bar = tree_add(inputs_bar, inputs_bar_i)
-            info_bar, step_times_bar, args_bar_saved = inputs_bar
-            aux = (step_times_bar, args_bar_saved, new_pointers, new_save_bars)
-            return info_bar, aux
-
-        (y0, z0), cotangents, aux = reverse_step(
+def _pull_back_step_time(bwd, times: _TimeCotangents, k, step, times_bar_k, saved_bar):
+    """Pulls the cotangent of the end of step `k` back to `t0`, `t1`, `dt0` and
+    `StepTo.ts` (every step time is a function of those), and starts the cotangent of
+    the end of step `k - 1`: the start of this one."""
+    _, _, _, _, _, (t0, t1, dt0), _, step_ts = bwd.inputs
+    t0_bar_k, t1_bar_k = times_bar_k
+    t1_bar = times.t1
+    end_bar = times.end + t1_bar_k
+    if bwd.grad_dense_ts is not None:
+        saved_bar = saved_bar + bwd.grad_dense_ts[k + 1]
+    # Step saves and dense output record `min(end of step, t1)`.
+    to_t1 = _tie_share(step.t1 == t1, saved_bar)
+    t1_bar = t1_bar + to_t1
+    end_bar = end_bar + saved_bar - to_t1
+    _, pull_back_end = jax.vjp(
+        lambda t0, t1, dt0, step_ts: step_end_time(
+            bwd.stepsize_controller,
             k,
-            step_t0,
-            step_t1,
-            y1,
-            z1,
-            y1_bar,
-            z1_bar,
-            dense_info_cotangent if with_dense else None,
-        )
-        y0_bar, z0_bar, args_bar_k, terms_bar_k, times_bar_k = cotangents
-        t0_bar_k, t1_bar_k = (0, 0) if times_bar_k is None else times_bar_k
-        args_bar = tree_add(args_bar, args_bar_k)
-        terms_bar = tree_add(terms_bar, terms_bar_k)
-        if aux is not None:
-            (interp_t0_bar, interp_t1_bar), args_bar_saved, pointers, save_bars = aux
-            args_bar = tree_add(args_bar, args_bar_saved)
-            t0_bar_k = t0_bar_k + interp_t0_bar
-            t1_bar_k = t1_bar_k + interp_t1_bar
-
-        if with_step_times:
-            end_bar = end_bar + t1_bar_k
-            if grad_dense_ts is not None:
-                saved_time_bar = saved_time_bar + grad_dense_ts[k + 1]
-            # Step saves and dense output record `min(end of step, t1)`.
-            to_t1 = _tie_share(step_t1 == t1, saved_time_bar)
-            t1_bar = t1_bar + to_t1
-            end_bar = end_bar + saved_time_bar - to_t1
-            _, pull_back_end = jax.vjp(
-                lambda t0, t1, dt0, step_ts: step_end_time(
-                    stepsize_controller,
-                    k,
-                    step_t1,
-                    t0,
-                    t1,
-                    dt0,
-                    step_ts,
-                    residuals.controller_num_steps,
-                ),
-                t0,
-                t1,
-                dt0,
-                step_ts,
-            )
-            t0_bar_e, t1_bar_e, dt0_bar_e, step_ts_bar_e = pull_back_end(end_bar)
-            t0_bar = t0_bar + t0_bar_e
-            t1_bar = t1_bar + t1_bar_e
-            if dt0 is not None:
-                dt0_bar = dt0_bar + dt0_bar_e
-            if step_ts is not None:
-                step_ts_bar = step_ts_bar + step_ts_bar_e
-            # The start of this step is the end of the previous one (or `t0`).
-            end_bar = t0_bar_k
-        times = (t0_bar, t1_bar, dt0_bar, end_bar, step_ts_bar)
-        if checkpoints is not None:
-            # Restart the reconstruction from the stored state: drift is bounded by
-            # the steps between checkpoints, and measured at every checkpoint.
-            due, stored, checkpoint_pointer = stored_state_at(
-                checkpoints, self.checkpoint_every, k, checkpoint_pointer
-            )
-            error = relative_error(
-                _reconstructed(solver, y0, z0),
-                _reconstructed(solver, *stored),
-                also_scale=y_final,
-            )
-            max_error = jnp.where(due, jnp.maximum(max_error, error), max_error)
-            y0, z0 = jtu.tree_map(lambda a, b: jnp.where(due, a, b), stored, (y0, z0))
-        return (
-            k - 1,
-            (y0, z0),
-            (y0_bar, z0_bar),
-            args_bar,
-            terms_bar,
-            tuple(pointers),
-            tuple(save_bars),
-            times,
-            max_error,
-            checkpoint_pointer,
-        )
-
-    pointers = tuple(
-        residuals.ts_saved[i] if outputs[i].num_ts else jnp.zeros((), jnp.int32)
-        for i in range(len(outputs))
-    )
-    init = (
-        num_steps - 1,
-        (y_final, residuals.z_final),
-        (y_bar, z_bar),
-        args_bar,
-        terms_bar,
-        pointers,
-        tuple(save_bars),
-        (
-            t0_bar,
-            t1_bar,
-            dt0_bar,
-            last_end_bar,
-            None if step_ts is None else jnp.zeros_like(step_ts),
+            step.t1,
+            t0,
+            t1,
+            dt0,
+            step_ts,
+            bwd.residuals.controller_num_steps,
         ),
-        jnp.zeros((), error_dtype()),
-        first_pointer(checkpoints),
+        t0,
+        t1,
+        dt0,
+        step_ts,
     )
-    _, y0__z0, (y_bar, z_bar), args_bar, terms_bar, *rest = lax.while_loop(
-        cond, body, init
+    t0_bar_e, t1_bar_e, dt0_bar_e, step_ts_bar_e = pull_back_end(end_bar)
+    return _TimeCotangents(
+        t0=times.t0 + t0_bar_e,
+        t1=t1_bar + t1_bar_e,
+        dt0=times.dt0 if dt0 is None else times.dt0 + dt0_bar_e,
+        end=t0_bar_k,
+        step_ts=None if step_ts is None else times.step_ts + step_ts_bar_e,
     )
-    _, save_bars, times, max_error, _ = rest
-    # The start is known exactly: the reconstruction's last word on its own accuracy.
-    max_error = jnp.maximum(
-        max_error,
-        relative_error(
-            _reconstructed(solver, *y0__z0),
-            _reconstructed(solver, y0, z0),
-            also_scale=y_final,
-        ),
-    )
-    t0_bar, t1_bar, dt0_bar, start_bar, step_ts_bar = times
-    t0_bar = t0_bar + start_bar
-    save_bars = list(save_bars)
-    if grad_dense_ts is not None:
-        t0_bar = t0_bar + grad_dense_ts[0]
 
-    # Outputs at `t0`; and when `t0 == t1` Diffrax makes no step and saves the output
-    # at `t0` in place of every `SaveAt(ts=...)` output.
+
+def _restart_from_checkpoint(bwd: _Backward, carry: _BackwardCarry):
+    """With `checkpoint_every`: where a state was stored at the start of step `k`,
+    continue from it instead of the reconstruction (drift is bounded by the steps
+    between checkpoints), and measure the reconstruction's error there."""
+    solver, checkpoints = bwd.solver, bwd.record.checkpoints
+    due, stored, checkpoint_pointer = stored_state_at(
+        checkpoints, bwd.adjoint.checkpoint_every, carry.k, carry.checkpoint_pointer
+    )
+    y0, z0 = carry.state
+    error = relative_error(
+        _reconstructed(solver, y0, z0),
+        _reconstructed(solver, *stored),
+        also_scale=bwd.residuals.y_final,
+    )
+    max_error = jnp.where(due, jnp.maximum(carry.max_error, error), carry.max_error)
+    state = jtu.tree_map(lambda a, b: jnp.where(due, a, b), stored, (y0, z0))
+    return dataclasses.replace(
+        carry, state=state, max_error=max_error, checkpoint_pointer=checkpoint_pointer
+    )
+
+
+def _backward_step(bwd: _Backward, carry: _BackwardCarry, event_bars):
+    """One step of the backward pass, as in the paper: pull back the outputs saved at
+    the step's end, undo the step and take its vector-Jacobian product, pull back the
+    step's times, restart from a checkpoint."""
+    step = bwd.interval(carry.k)
+    carry, saved_time_bar = _pull_back_step_saves(bwd, carry, step)
+    carry, times_bar_k = _undo_step(bwd, carry, step, event_bars)
+    if bwd.with_step_times:
+        times = _pull_back_step_time(
+            bwd, carry.times, carry.k, step, times_bar_k, saved_time_bar
+        )
+    else:
+        times = carry.times
+    carry = dataclasses.replace(carry, times=times)
+    if bwd.record.checkpoints is not None:
+        carry = _restart_from_checkpoint(bwd, carry)
+    return dataclasses.replace(carry, k=carry.k - 1)
+
+
+def _pull_back_at_t0(bwd: _Backward, carry: _BackwardCarry):
+    """The outputs at `t0`; and when `t0 == t1` Diffrax makes no step and saves the
+    output at `t0` in place of every `SaveAt(ts=...)` output."""
+    y0, _, args, _, _, (t0, t1, _), _, _ = bwd.inputs
+    y_bar, z_bar = carry.state_bar
+    args_bar = carry.args_bar
+    save_bars = list(carry.save_bars)
+    t0_bar = carry.times.t0
     no_steps = t0 == t1
-    for i, out in enumerate(outputs):
+    for i, out in enumerate(bwd.outputs):
         cotangent = None
         if out.sub.t0:
             cotangent = out.take(0)
@@ -1079,31 +1133,145 @@ def _loop_reversible_bwd(
         )
         y_bar = tree_add(y_bar, y0_bar_i)
         args_bar = tree_add(args_bar, args_bar_i)
-        save_bars[i] = _SaveCotangents(
-            fn=tree_add(save_bars[i].fn, fn_bar), ts=save_bars[i].ts
-        )
+        save_bars[i] = _add_fn_bar(save_bars[i], fn_bar)
         t0_bar = t0_bar + t_bar
+    return dataclasses.replace(
+        carry,
+        state_bar=(y_bar, z_bar),
+        args_bar=args_bar,
+        save_bars=tuple(save_bars),
+        times=dataclasses.replace(carry.times, t0=t0_bar),
+    )
 
-    saveat_bar = _saveat_cotangent(saveat, save_bars)
-    times_bar = (t0_bar, t1_bar, None if dt0 is None else dt0_bar.astype(dt0.dtype))
+
+def _initial_carry(bwd: _Backward) -> _BackwardCarry:
+    y0, z0, args, terms, _, (t0, _, _), _, step_ts = bwd.inputs
+    residuals = bwd.residuals
+    zero_time = jnp.zeros((), jnp.result_type(t0))
+    y_bar, z_bar, args_bar, terms_bar = _zeros_like_diff((y0, z0, args, terms))
+    if bwd.grad_z_final is not None:
+        z_bar = tree_add(z_bar, eqx.filter(bwd.grad_z_final, eqx.is_inexact_array))
+    return _BackwardCarry(
+        k=residuals.num_steps - 1,
+        state=(residuals.y_final, residuals.z_final),
+        state_bar=(y_bar, z_bar),
+        args_bar=args_bar,
+        terms_bar=terms_bar,
+        pointers=tuple(
+            residuals.ts_saved[i] if out.num_ts else jnp.zeros((), jnp.int32)
+            for i, out in enumerate(bwd.outputs)
+        ),
+        save_bars=tuple(
+            _SaveCotangents(
+                fn=_zeros_like_diff(out.sub.fn),
+                ts=None if out.sub.ts is None else jnp.zeros_like(out.sub.ts),
+            )
+            for out in bwd.outputs
+        ),
+        times=_TimeCotangents(
+            t0=zero_time,
+            t1=zero_time,
+            dt0=zero_time,
+            end=zero_time,
+            step_ts=None if step_ts is None else jnp.zeros_like(step_ts),
+        ),
+        max_error=jnp.zeros((), error_dtype()),
+        checkpoint_pointer=first_pointer(bwd.record.checkpoints),
+    )
+
+
+def _input_cotangents(bwd: _Backward, carry: _BackwardCarry, event_bar):
+    """The cotangents of the custom VJP's inputs, from the final carry."""
+    _, _, _, _, saveat, (t0, t1, dt0), _, _ = bwd.inputs
+    times = carry.times
+    times_bar = (
+        times.t0,
+        times.t1,
+        None if dt0 is None else times.dt0.astype(dt0.dtype),
+    )
     times_bar = jtu.tree_map(
         lambda bar, t: bar if eqx.is_inexact_array(t) else None,
         times_bar,
         (t0, t1, dt0),
         is_leaf=is_none,
     )
-    grads = (
+    y_bar, z_bar = carry.state_bar
+    return (
         y_bar,
         z_bar,
-        args_bar,
-        terms_bar,
-        saveat_bar,
+        carry.args_bar,
+        carry.terms_bar,
+        _saveat_cotangent(saveat, carry.save_bars),
         times_bar,
         event_bar,
-        step_ts_bar,
+        times.step_ts,
     )
+
+
+@_loop_reversible.def_bwd
+def _loop_reversible_bwd(
+    residuals: _Residuals,
+    grad_final_state__aux_stats,
+    perturbed,
+    diff_inputs,
+    *,
+    self,
+    solver,
+    stepsize_controller,
+    max_steps,
+    **kwargs,
+):
+    del kwargs
+    grad_final_state, _ = grad_final_state__aux_stats
+    y0, z0, _, _, saveat, _, event, _ = diff_inputs
+    outputs, grad_z_final, grad_dense_infos, grad_dense_ts = _output_cotangents(
+        grad_final_state, saveat, residuals
+    )
+    bwd = _Backward(
+        solver=solver,
+        stepsize_controller=stepsize_controller,
+        max_steps=max_steps,
+        adjoint=self,
+        residuals=residuals,
+        inputs=diff_inputs,
+        outputs=outputs,
+        grad_z_final=grad_z_final,
+        grad_dense_infos=grad_dense_infos,
+        grad_dense_ts=grad_dense_ts,
+        with_step_times=_times_perturbed(perturbed),
+    )
+    carry, event_cotangents = _pull_back_at_t1(bwd, _initial_carry(bwd))
+    if event_cotangents:
+        event_bars = _pull_back_event(bwd, event_cotangents)
+        carry = _add_event_cotangents(bwd, carry, event_bars)
+        event_bar = event_bars.event_bar
+    else:
+        event_bars = None
+        event_bar = _zeros_like_diff(event)
+    carry = lax.while_loop(
+        lambda carry: carry.k >= 0,
+        lambda carry: _backward_step(bwd, carry, event_bars),
+        carry,
+    )
+    # The start is known exactly: the reconstruction's last word on its own accuracy.
+    max_error = jnp.maximum(
+        carry.max_error,
+        relative_error(
+            _reconstructed(solver, *carry.state),
+            _reconstructed(solver, y0, z0),
+            also_scale=residuals.y_final,
+        ),
+    )
+    # The start of the first step is `t0`.
+    times = carry.times
+    t0_bar = times.t0 + times.end
+    if grad_dense_ts is not None:
+        t0_bar = t0_bar + grad_dense_ts[0]
+    carry = dataclasses.replace(carry, times=dataclasses.replace(times, t0=t0_bar))
+    carry = _pull_back_at_t0(bwd, carry)
+    grads = _input_cotangents(bwd, carry, event_bar)
     return _report_reconstruction_error(
-        self, max_error, grads, y0, (y_final, residuals.z_final)
+        self, max_error, grads, y0, (residuals.y_final, residuals.z_final)
     )
 
 
