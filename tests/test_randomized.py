@@ -7,9 +7,9 @@ profile: `python -m tests.random_configs --cases 500 --seed S`).
   cases; the costly rest, e.g. adaptive SDEs checked against a `StepTo` reference, run
   in the CI and long profiles).
 - CI profile (`-m slow`): `DIFFRAX_REVERSIBLE_RANDOM_CASES` cases (default 24) of
-  `DIFFRAX_REVERSIBLE_RANDOM_SEED` (default `CI_DEFAULT_SEED`; `random`: a seed that
-  changes from run to run, the same in every `pytest-xdist` worker of one run). The
-  seed is in every failure.
+  `DIFFRAX_REVERSIBLE_RANDOM_SEED` (default `random`: a seed that changes from run to
+  run, the same in every `pytest-xdist` worker of one run; an integer replays a run).
+  The seed is in every failure, with the command that replays the case.
 
 A case fails on a defect only: `agree`, `refused` (a trace-time `ValueError` naming
 `Reversible`/`ReversibleAdjoint`) and `reference_failed` (Diffrax's own adjoint failed)
@@ -30,14 +30,8 @@ FAST_CASES = 25
 FAST_MAX_COST = 1.7
 
 
-# Until the long profile has passed 500 cases, CI's full run draws the cases of a seed
-# whose first 70 cases passed (no defect); `DIFFRAX_REVERSIBLE_RANDOM_SEED=random`
-# gives a seed that changes from run to run.
-CI_DEFAULT_SEED = 31337
-
-
 def _ci_seed() -> int:
-    seed = os.environ.get("DIFFRAX_REVERSIBLE_RANDOM_SEED", str(CI_DEFAULT_SEED))
+    seed = os.environ.get("DIFFRAX_REVERSIBLE_RANDOM_SEED", "random")
     if seed != "random":
         return int(seed)
     # Collected once per pytest-xdist worker: each worker of one run must draw the same
