@@ -920,51 +920,47 @@ def _pull_back_step_saves(bwd: _Backward, carry: _BackwardCarry, step: _Interval
     return carry, saved_time_bar
 
 
-def _dense_info_cotangent(bwd, carry, step, event_bars):
+def _pull_back_within_step(bwd, carry, step, event_bars, dense_info):
     """The outputs interpolated within step `k` (`SaveAt(ts=...)`, dense output, the
-    outputs at a terminating event in the last step) as a function of the step's
-    `dense_info`: returns its cotangent, and the cotangents of the step's times and
+    outputs at a terminating event in the last step), pulled back to the step's
+    `dense_info`: returns that cotangent, and the cotangents of the step's times and
     `args`, the new pointers into the `ts` and `SaveAt` cotangents."""
     k, args = carry.k, bwd.inputs[2]
-
-    def cotangent(dense_info):
-        step_times = (step.t0, step.t1)
-        inputs_bar = _zeros_like_diff((dense_info, step_times, args))
-        if bwd.grad_dense_infos is not None:
-            info_bar = jtu.tree_map(
-                lambda g, x: jnp.zeros_like(x) if g is None else g[k],
-                bwd.grad_dense_infos,
-                eqx.filter(dense_info, eqx.is_inexact_array),
-                is_leaf=is_none,
-            )
-            inputs_bar = (tree_add(inputs_bar[0], info_bar), *inputs_bar[1:])
-        if event_bars is not None:
-            is_last = k == bwd.residuals.num_steps - 1
-            info_bar, times_bar, args_bar_saved = inputs_bar
-            inputs_bar = (
-                tree_add(info_bar, _where_tree(is_last, event_bars.info_bar)),
-                tree_add(times_bar, _where_tree(is_last, event_bars.step_times_bar)),
-                args_bar_saved,
-            )
-        pointers = list(carry.pointers)
-        save_bars = list(carry.save_bars)
-        for i in bwd.with_ts:
-            pointers[i], inputs_bar_i, save_bars[i] = _pull_back_saved_ts(
-                bwd.outputs[i],
-                k,
-                carry.pointers[i],
-                step.prev_end,
-                bwd.interpolation,
-                dense_info,
-                step_times,
-                args,
-                carry.save_bars[i],
-            )
-            inputs_bar = tree_add(inputs_bar, inputs_bar_i)
-        info_bar, step_times_bar, args_bar_saved = inputs_bar
-        return info_bar, (step_times_bar, args_bar_saved, pointers, save_bars)
-
-    return cotangent
+    step_times = (step.t0, step.t1)
+    inputs_bar = _zeros_like_diff((dense_info, step_times, args))
+    if bwd.grad_dense_infos is not None:
+        info_bar = jtu.tree_map(
+            lambda g, x: jnp.zeros_like(x) if g is None else g[k],
+            bwd.grad_dense_infos,
+            eqx.filter(dense_info, eqx.is_inexact_array),
+            is_leaf=is_none,
+        )
+        inputs_bar = (tree_add(inputs_bar[0], info_bar), *inputs_bar[1:])
+    if event_bars is not None:
+        is_last = k == bwd.residuals.num_steps - 1
+        info_bar, times_bar, args_bar_saved = inputs_bar
+        inputs_bar = (
+            tree_add(info_bar, _where_tree(is_last, event_bars.info_bar)),
+            tree_add(times_bar, _where_tree(is_last, event_bars.step_times_bar)),
+            args_bar_saved,
+        )
+    pointers = list(carry.pointers)
+    save_bars = list(carry.save_bars)
+    for i in bwd.with_ts:
+        pointers[i], inputs_bar_i, save_bars[i] = _pull_back_saved_ts(
+            bwd.outputs[i],
+            k,
+            carry.pointers[i],
+            step.prev_end,
+            bwd.interpolation,
+            dense_info,
+            step_times,
+            args,
+            carry.save_bars[i],
+        )
+        inputs_bar = tree_add(inputs_bar, inputs_bar_i)
+    info_bar, step_times_bar, args_bar_saved = inputs_bar
+    return info_bar, (step_times_bar, args_bar_saved, pointers, save_bars)
 
 
 def _undo_step(bwd: _Backward, carry: _BackwardCarry, step: _Interval, event_bars):
@@ -996,8 +992,9 @@ def _undo_step(bwd: _Backward, carry: _BackwardCarry, step: _Interval, event_bar
     )
     pointers, save_bars = carry.pointers, carry.save_bars
     if with_dense:
-        cotangent = _dense_info_cotangent(bwd, carry, step, event_bars)
-        dense_info_bar, aux = cotangent(dense_info)
+        dense_info_bar, aux = _pull_back_within_step(
+            bwd, carry, step, event_bars, dense_info
+        )
     else:
         dense_info_bar, aux = None, None
     y0_bar, z0_bar, args_bar_k, terms_bar_k, times_bar_k = pull_back(dense_info_bar)

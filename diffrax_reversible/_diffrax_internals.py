@@ -30,9 +30,7 @@ from diffrax._integrate import SaveState as SaveState
 from diffrax._misc import linear_rescale as linear_rescale
 from jaxtyping import Array, PyTree
 
-
-def _is_none(x: Any) -> bool:
-    return x is None
+from ._misc import is_none
 
 
 # The loop state.
@@ -86,7 +84,7 @@ def current_state(state) -> tuple[PyTree[Array], PyTree]:
 def with_current_state(state, y: PyTree, solver_state: PyTree):
     """`state` with `y` and the solver state replaced."""
     return eqx.tree_at(
-        lambda s: (s.y, s.solver_state), state, (y, solver_state), is_leaf=_is_none
+        lambda s: (s.y, s.solver_state), state, (y, solver_state), is_leaf=is_none
     )
 
 
@@ -98,10 +96,6 @@ def first_step_inputs(state) -> tuple:
 
 def solve_result(state) -> diffrax.RESULTS:
     return state.result
-
-
-def controller_state(state) -> PyTree:
-    return state.controller_state
 
 
 def dense_output(state) -> tuple[PyTree[Array] | None, Array | None]:
@@ -148,7 +142,7 @@ def with_forward_values_only(init_state, controller_fn):
         lambda s: (s.event_values, s.event_dense_info, s.event_tprev, s.event_tnext),
         init_state,
         replace_fn=lax.stop_gradient,
-        is_leaf=_is_none,
+        is_leaf=is_none,
     )
     return eqx.tree_at(
         lambda s: (s.y, s.solver_state, s.controller_state, s.tprev, s.tnext),
@@ -160,7 +154,7 @@ def with_forward_values_only(init_state, controller_fn):
             lax.stop_gradient(init_state.tprev),
             lax.stop_gradient(init_state.tnext),
         ),
-        is_leaf=_is_none,
+        is_leaf=is_none,
     )
 
 
