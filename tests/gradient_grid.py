@@ -8,6 +8,10 @@ A refactor of the backward pass must leave every number as it was (to round-off)
 
 `--compare` prints the largest relative difference per configuration and exits with
 status 1 if any exceeds `--tol` (default 1e-14). Float64 throughout.
+
+Besides the grid, a few configurations reach the rest of the backward pass: terminating
+events (with and without a root finder), `checkpoint_every`, gradients with respect to
+`t1` and `StepTo.ts`, and a saved solver state.
 """
 
 import argparse
@@ -27,6 +31,7 @@ import equinox as eqx  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import jax.random as jr  # noqa: E402
 import numpy as np  # noqa: E402
+import optimistix as optx  # noqa: E402
 
 
 BASES = ("Euler", "Heun", "Midpoint", "Ralston", "Bosh3", "Tsit5", "Dopri5", "Dopri8")
@@ -102,6 +107,97 @@ def _loss(inputs, solver, controller, dt0, saveat_name):
     return total
 
 
+class _Extra(eqx.Module):
+    """A configuration outside the grid: its own `SaveAt`, event, adjoint and times."""
+
+    solver: str
+    controller: str
+    saveat: diffrax.SaveAt
+    event: diffrax.Event | None = None
+    checkpoint_every: int | None = None
+    times_differentiated: bool = False
+
+
+def _extras(ts):
+    fn = lambda t, y, args: jnp.tanh(y) * t
+    # Crosses zero near t = 1.5, at a time that depends on the state.
+    crossing = diffrax.Event(lambda t, y, args, **kwargs: t - 1.5 + 0.1 * jnp.tanh(y[0]))
+    crossing_newton = diffrax.Event(
+        crossing.cond_fn, optx.Newton(rtol=1e-12, atol=1e-12)
+    )
+    everything = diffrax.SaveAt(
+        subs=[
+            diffrax.SubSaveAt(t0=True, ts=ts, fn=fn),
+            diffrax.SubSaveAt(steps=3, t1=True),
+        ],
+        dense=True,
+    )
+    at_ts = diffrax.SaveAt(t0=True, ts=ts, t1=True)
+    return {
+        "Tsit5/event/constant": _Extra("Tsit5", "constant", everything, crossing),
+        "Tsit5/event+newton/constant": _Extra(
+            "Tsit5", "constant", at_ts, crossing_newton
+        ),
+        "Tsit5/event+newton/pid": _Extra("Tsit5", "pid", at_ts, crossing_newton),
+        "ReversibleHeun/event+newton/step_to": _Extra(
+            "ReversibleHeun", "step_to", at_ts, crossing_newton
+        ),
+        "Tsit5/checkpoint_every=3/pid": _Extra(
+            "Tsit5", "pid", everything, checkpoint_every=3
+        ),
+        "LeapfrogMidpoint/checkpoint_every=3/constant": _Extra(
+            "LeapfrogMidpoint", "constant", everything, checkpoint_every=3
+        ),
+        "Tsit5/t1/constant": _Extra(
+            "Tsit5", "constant", everything, times_differentiated=True
+        ),
+        "Heun/t1+step_ts/step_to": _Extra(
+            "Heun", "step_to", everything, times_differentiated=True
+        ),
+        "ReversibleHeun/t1/constant": _Extra(
+            "ReversibleHeun", "constant", everything, times_differentiated=True
+        ),
+        "LeapfrogMidpoint/t1+step_ts/step_to": _Extra(
+            "LeapfrogMidpoint", "step_to", at_ts, times_differentiated=True
+        ),
+        "Tsit5/t1+event/constant": _Extra(
+            "Tsit5", "constant", at_ts, crossing_newton, times_differentiated=True
+        ),
+        "Tsit5/solver_state/pid": _Extra(
+            "Tsit5", "pid", diffrax.SaveAt(t1=True, solver_state=True)
+        ),
+    }
+
+
+def _extra_loss(inputs_times, extra: _Extra, controller, dt0):
+    (field, y0, args, _), (t1, step_ts) = inputs_times
+    if step_ts is not None:
+        controller = diffrax.StepTo(ts=step_ts.at[-1].set(t1))
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(field),
+        _solver(extra.solver),
+        T0,
+        t1,
+        dt0,
+        y0,
+        args=args,
+        saveat=extra.saveat,
+        stepsize_controller=controller,
+        event=extra.event,
+        adjoint=dr.ReversibleAdjoint(checkpoint_every=extra.checkpoint_every),
+        max_steps=256,
+    )
+    outputs = (sol.ys, sol.ts)
+    if extra.saveat.solver_state:
+        outputs = (outputs, sol.solver_state)
+    total = jnp.zeros(())
+    for leaf in jax.tree.leaves(eqx.filter(outputs, eqx.is_inexact_array)):
+        total = total + jnp.sum(jnp.where(jnp.isfinite(leaf), leaf, 0.0) ** 2)
+    if extra.saveat.dense:
+        total = total + jnp.sum(sol.evaluate(jnp.array(1.23)) ** 2)
+    return total
+
+
 def configurations():
     for solver, saveat, controller in itertools.product(
         BASES + NATIVE, SAVEATS, CONTROLLERS
@@ -120,12 +216,25 @@ def compute() -> dict[str, list[float]]:
         controller, dt0 = _controller(controller_name)
         grad = eqx.filter_jit(eqx.filter_value_and_grad(_loss))
         value, grads = grad(inputs, _solver(solver), controller, dt0, saveat)
-        leaves = jax.tree.leaves(eqx.filter(grads, eqx.is_inexact_array))
-        results[name] = [float(value)] + [
-            float(x) for leaf in leaves for x in np.ravel(leaf)
-        ]
+        results[name] = _flatten(value, grads)
+        jax.clear_caches()
+    for name, extra in _extras(TS).items():
+        controller, dt0 = _controller(extra.controller)
+        if extra.times_differentiated:
+            step_ts = controller.ts if extra.controller == "step_to" else None
+            times = (jnp.array(T1), step_ts)
+        else:
+            times = (T1, None)
+        grad = eqx.filter_jit(eqx.filter_value_and_grad(_extra_loss))
+        value, grads = grad((inputs, times), extra, controller, dt0)
+        results[name] = _flatten(value, grads)
         jax.clear_caches()
     return results
+
+
+def _flatten(value, grads) -> list[float]:
+    leaves = jax.tree.leaves(eqx.filter(grads, eqx.is_inexact_array))
+    return [float(value)] + [float(x) for leaf in leaves for x in np.ravel(leaf)]
 
 
 def compare(ours, before) -> list[tuple[str, float]]:
