@@ -1,6 +1,7 @@
 from typing import Any
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
@@ -10,10 +11,31 @@ def is_none(x: Any) -> bool:
     return x is None
 
 
+def finds_event_root(event) -> bool:
+    """Whether `event` is a terminating event whose time a root finder locates."""
+    return event is not None and event.root_finder is not None
+
+
 def tree_add(*trees: PyTree) -> PyTree:
     """Leafwise sum of pytrees of one structure; `None` subtrees (no differentiable
     leaves) stay `None`."""
     return jtu.tree_map(lambda *xs: sum(xs[1:], start=xs[0]), *trees)
+
+
+def zeros_like_diff(tree: PyTree) -> PyTree:
+    """Zeros in place of the inexact arrays of `tree` (its differentiable leaves)."""
+    return jtu.tree_map(jnp.zeros_like, eqx.filter(tree, eqx.is_inexact_array))
+
+
+def where_tree(pred: Array, tree: PyTree) -> PyTree:
+    """`tree` where `pred`, zeros elsewhere."""
+    return jtu.tree_map(lambda x: jnp.where(pred, x, jnp.zeros_like(x)), tree)
+
+
+def shape_structs(tree: PyTree) -> PyTree[jax.ShapeDtypeStruct]:
+    return jtu.tree_map(
+        lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree
+    )
 
 
 def error_dtype():

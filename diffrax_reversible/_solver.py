@@ -1,10 +1,8 @@
-import warnings
 from collections.abc import Callable
 from typing import Any, Literal, TypeAlias
 
 import diffrax
 import equinox as eqx
-import equinox.internal as eqxi
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
@@ -12,10 +10,27 @@ import jax.tree_util as jtu
 from equinox.internal import ω
 from jaxtyping import ArrayLike, PyTree
 
+from ._base_step import (
+    check_base_solver,
+    check_sde_base,
+    has_explicit_tableau,
+    unrolled_erk_step,
+)
+from ._coupling import (
+    auto_coupling,
+    FIRST_ORDER_TOL,
+    gap_is_unstable,
+    leaf_scales,
+    local_decay,
+    PARASITIC_TOL,
+    report_instability,
+    reproducible,
+    solution_growth,
+    with_gap_growth,
+)
 from ._custom_types import Args, BoolScalarLike, DenseInfo, RealScalarLike, VF, Y
-from ._diffrax_internals import is_sde, linear_rescale
+from ._diffrax_internals import linear_rescale
 from ._misc import is_none, tree_add
-from ._native import is_invertible
 
 
 class _ReversibleState(eqx.Module):
@@ -33,213 +48,6 @@ class _ReversibleState(eqx.Module):
 _SolverState: TypeAlias = _ReversibleState
 
 
-# The automatic coupling's range: at most the fixed default (so neutral and oscillatory
-# dynamics are unchanged), and at least a value below which reconstructing even one
-# step loses more digits (`-log10 λ`) than it is worth.
-AUTO_COUPLING_MAX = 0.999
-AUTO_COUPLING_MIN = 0.01
-
-
-def auto_coupling(decay: ArrayLike) -> ArrayLike:
-    """The automatic coupling for a step along which the dynamics decay by `e^{-decay}`
-    (`decay = a h` for a local decay rate `a` and step `h`): `λ = e^{-2 decay}`, clipped
-    to `[AUTO_COUPLING_MIN, AUTO_COUPLING_MAX]`. Then the parasitic mode of the coupled
-    scheme, whose eigenvalue is about `λ e^{decay}`, decays as fast as the physical one.
-    """
-    decay = jnp.asarray(decay)
-    return jnp.clip(jnp.exp(-2 * decay), AUTO_COUPLING_MIN, AUTO_COUPLING_MAX)
-
-
-def _sum_of_products(xs: Y, ys: Y) -> ArrayLike:
-    # In the default float type, so that leaves of several dtypes can be added.
-    dtype = jnp.result_type(float)
-    products = [
-        jnp.sum(x * y).astype(dtype)
-        for x, y in zip(jtu.tree_leaves(xs), jtu.tree_leaves(ys))
-    ]
-    return sum(products, start=jnp.zeros((), dtype))
-
-
-def local_decay(
-    terms: PyTree[diffrax.AbstractTerm],
-    t0: RealScalarLike,
-    t1: RealScalarLike,
-    x0: Y,
-    args: Args,
-    direction: Y | None,
-) -> ArrayLike:
-    """An estimate of `a h`, the decay over the step `t0 -> t1` of the most damped
-    dynamics at `x0`: minus the Rayleigh quotient `<v, J v> / <v, v>` of the Jacobian
-    `J` of the step's increment `x -> f(t0, x, args) (t1 - t0)` (the whole term, so
-    also a diffusion or a control), along `v = direction`, or along the increment
-    itself when `direction` is `None`. Negative where the dynamics grow along `v`;
-    zero on rotations, and where `v` vanishes.
-
-    A base solver's error estimate makes a good `direction`: it is dominated by the
-    fastest modes the step resolves, which are the ones the coupled scheme's parasitic
-    mode grows along.
-    """
-    control = terms.contr(t0, t1)
-
-    def increment(x):
-        return terms.vf_prod(t0, x, args, control)
-
-    if direction is None:
-        direction, linear_increment = jax.linearize(increment, x0)
-        direction_change = linear_increment(direction)
-    else:
-        _, direction_change = jax.jvp(increment, (x0,), (direction,))
-    norm = _sum_of_products(direction, direction)
-    quotient = _sum_of_products(direction, direction_change) / jnp.where(
-        norm > 0, norm, 1
-    )
-    return jnp.where(norm > 0, -quotient, 0)
-
-
-def solution_growth(x0: Y, x1: Y) -> ArrayLike:
-    """`log(|x1| / |x0|)`, the growth of the solution over a step (zero where either
-    vanishes)."""
-    norm0 = _sum_of_products(x0, x0)
-    norm1 = _sum_of_products(x1, x1)
-    valid = (norm0 > 0) & (norm1 > 0)
-    ratio = jnp.where(valid, norm1, 1) / jnp.where(valid, norm0, 1)
-    return 0.5 * jnp.log(ratio)
-
-
-def _max_abs(x: Y) -> list[ArrayLike]:
-    dtype = jnp.result_type(float)
-    return [
-        jnp.max(jnp.abs(leaf), initial=0).astype(dtype) for leaf in jtu.tree_leaves(x)
-    ]
-
-
-def gap_is_unstable(
-    gap0: Y,
-    gap1: Y,
-    y0: Y,
-    y1: Y,
-    increment: Y,
-    peak: list[ArrayLike],
-    tol: float,
-) -> ArrayLike:
-    """Whether the two states of the coupled scheme are drifting apart: for some leaf of
-    the state, the gap `max|y - z|` grew in this step (from a nonzero one: a single
-    large step is not a drift), and exceeds both `tol` times the solution's scale in
-    this step (`max|y|` at either end, or the increment where the solution crosses
-    zero), and `PEAK_TOL` times the largest `max|y|` so far (`peak`).
-
-    Both `y` and `z` approximate the solution, so in a healthy solve the gap stays at
-    the level of the accumulated error of the base solver; when the coupling does not
-    damp the parasitic mode it grows geometrically, past the solution. The second test
-    spares a solution that decayed below an adaptive solve's `atol`, where the gap sits
-    at the level of `atol`."""
-    out = jnp.zeros((), bool)
-    leaves = zip(
-        _max_abs(gap0),
-        _max_abs(gap1),
-        _max_abs(y0),
-        _max_abs(y1),
-        _max_abs(increment),
-        peak,
-    )
-    for g0, g1, a, b, c, p in leaves:
-        scale = jnp.maximum(jnp.maximum(a, b), c)
-        growing = (g1 > g0) & (g0 > 0)
-        out = out | (growing & (g1 > tol * scale) & (g1 > PEAK_TOL * p))
-    return out
-
-
-def leaf_scales(x: Y) -> list[ArrayLike]:
-    """`max|x|` for each leaf of `x`, in the default float type."""
-    return _max_abs(x)
-
-
-def _with_gap_growth(base_error: Y | None, gap0: Y, gap1: Y) -> Y | None:
-    """The base solver's error estimate, plus how much the gap `y - z` between the two
-    states grew in this step (per leaf, along `gap1`). A healthy step only adds to the
-    gap at the level of the local error; where the coupled scheme is unstable (too large
-    a step on decaying dynamics) the gap grows geometrically, and the step size
-    controller then rejects the step and shrinks it, as it would for the base error."""
-    if base_error is None:
-        return None
-
-    def add_growth(error, g0, g1):
-        norm0 = jnp.sqrt(jnp.sum(g0 * g0))
-        norm1 = jnp.sqrt(jnp.sum(g1 * g1))
-        growth = jnp.where(norm1 > norm0, 1 - norm0 / jnp.where(norm1 > 0, norm1, 1), 0)
-        return jnp.abs(error) + growth * jnp.abs(g1)
-
-    return jtu.tree_map(add_growth, base_error, gap0, gap1)
-
-
-def _reproducible(error: Y | None) -> Y | None:
-    """The error estimate with the lower half of each mantissa cleared.
-
-    It only steers the step size, and its last bits are round-off that differs between
-    differently compiled programs evaluating the same step (XLA fuses and contracts
-    multiply-adds per program). A backward pass that recomputes the forward solve
-    (`diffrax.RecursiveCheckpointAdjoint`) would then choose steps a few ulps apart,
-    and on an SDE a step time moved by `δ` moves a Brownian increment by about `√δ`:
-    its gradient was 1e-3 to 4e-2 off that of the solve it differentiates.
-    """
-    if error is None:
-        return None
-    return jtu.tree_map(_clear_low_mantissa_bits, error)
-
-
-def _clear_low_mantissa_bits(x):
-    dtype = jnp.result_type(x)
-    if jnp.issubdtype(dtype, jnp.complexfloating):
-        real = _clear_low_mantissa_bits(jnp.real(x))
-        return lax.complex(real, _clear_low_mantissa_bits(jnp.imag(x)))
-    if not jnp.issubdtype(dtype, jnp.floating):
-        return x
-    finfo = jnp.finfo(dtype)
-    int_dtype = {16: jnp.int16, 32: jnp.int32, 64: jnp.int64}[finfo.bits]
-    mask = jnp.asarray(~((1 << (finfo.nmant // 2)) - 1), int_dtype)
-    bits = lax.bitcast_convert_type(x, int_dtype)
-    return lax.bitcast_convert_type(bits & mask, dtype)
-
-
-# See `gap_is_unstable`. In a healthy solve the gap is the accumulated difference of two
-# solutions of the same order: 10% of the solution for Euler at `h ω = 0.17` (hence a
-# looser bound for first-order bases), below 1e-3 for Heun and 1e-8 for Tsit5 there.
-# A gap that sits at 10-20% of the solution already biases a nonlinear solve by far
-# more (Diffrax's Kalman filter example: the covariance 4x too large).
-PARASITIC_TOL = 0.1
-FIRST_ORDER_TOL = 0.5
-PEAK_TOL = 1e-3
-
-
-UNSTABLE_COUPLING_MESSAGE = (
-    "`Reversible`: the coupled scheme is unstable on this problem: its two states "
-    "`y` and `z` drifted apart (its parasitic mode grew), so the solution is not to be "
-    "trusted. This happens on strongly decaying (damped, stiff) dynamics. Consider "
-    '`Reversible(..., coupling_parameter="auto")` (the default) instead of a fixed '
-    "coupling, a smaller coupling parameter, or smaller steps (e.g. a smaller `dt0`, or "
-    "`dtmax` on the step size controller). "
-    "`diffrax_reversible.check_stability` suggests a coupling and a step size."
-)
-
-
-def _warn_unstable_coupling():
-    warnings.warn(UNSTABLE_COUPLING_MESSAGE, RuntimeWarning, stacklevel=1)
-
-
-def _report_instability(unstable: ArrayLike) -> diffrax.RESULTS:
-    """Diffrax can only carry its own messages: the step returns one of its failures,
-    and a warning says what it means. `unvmap_any` makes the warning's condition
-    unbatched, so that under `jax.vmap` it is not run on every step."""
-    lax.cond(
-        eqxi.unvmap_any(unstable),
-        lambda: jax.debug.callback(_warn_unstable_coupling),
-        lambda: None,
-    )
-    return diffrax.RESULTS.where(
-        unstable, diffrax.RESULTS.nonlinear_divergence, diffrax.RESULTS.successful
-    )
-
-
 def _previous_state(
     state1: _ReversibleState, z0: Y, log_growth: ArrayLike
 ) -> _ReversibleState:
@@ -253,125 +61,6 @@ def _first_failure(*results: diffrax.RESULTS) -> diffrax.RESULTS:
     for result in results:
         out = diffrax.RESULTS.where(out == diffrax.RESULTS.successful, result, out)
     return out
-
-
-def _linear_combination(base: Y, coeffs, ks: list[Y]) -> Y:
-    # Tableau coefficients as Python floats: weakly typed, so they keep the state's
-    # dtype; and zeros skipped at trace time, not multiplied at run time.
-    out = base
-    for coeff, k in zip(coeffs, ks):
-        coeff = float(coeff)
-        if coeff != 0.0:
-            out = (out**ω + coeff * k**ω).ω
-    return out
-
-
-def _has_explicit_tableau(solver: diffrax.AbstractSolver) -> bool:
-    # `type`, not `isinstance`: wrapped solvers pass `isinstance` checks for the solver
-    # they wrap, without having its tableau.
-    return issubclass(type(solver), diffrax.AbstractERK) and isinstance(
-        solver.tableau, diffrax.ButcherTableau
-    )
-
-
-def _unrolled_erk_step(
-    tableau: diffrax.ButcherTableau,
-    terms: PyTree[diffrax.AbstractTerm],
-    t0: RealScalarLike,
-    t1: RealScalarLike,
-    y0: Y,
-    args: Args,
-) -> tuple[Y, Y, DenseInfo]:
-    """One step of an explicit Runge--Kutta method, with its stages unrolled.
-
-    Diffrax runs the stages in a loop, which is what it needs for implicit and
-    first-same-as-last methods. Each reversible step is two fresh base steps, and the
-    backward pass differentiates them one at a time: unrolled, XLA fuses the stages,
-    adds no loop overhead, and drops stages whose results are unused (such as the
-    first-same-as-last stage of `Φ_{-h}`). The arithmetic, error estimate and dense
-    information are those of Diffrax's own step.
-    """
-    control = terms.contr(t0, t1)
-    dt = t1 - t0
-    ks = [terms.vf_prod(t0, y0, args, control)]
-    for c_i, a_i in zip(tableau.c, tableau.a_lower):
-        y_i = _linear_combination(y0, a_i, ks)
-        ks.append(terms.vf_prod(t0 + float(c_i) * dt, y_i, args, control))
-    y1 = _linear_combination(y0, tableau.b_sol, ks)
-    y_error = _linear_combination(jtu.tree_map(jnp.zeros_like, y0), tableau.b_error, ks)
-    k = jtu.tree_map(lambda *stages: jnp.stack(stages), *ks)
-    return y1, y_error, dict(y0=y0, y1=y1, k=k)
-
-
-# Explicit one-step solvers other than explicit Runge--Kutta methods. Anything not
-# known to be explicit is refused: an implicit step that is not an
-# `AbstractImplicitSolver` (such as the Crank--Nicolson of Diffrax's heat-equation
-# example) would be accepted and then not be undone.
-_EXPLICIT_NON_RK_SOLVERS = (
-    diffrax.Euler,
-    diffrax.EulerHeun,
-    diffrax.ItoMilstein,
-    diffrax.StratonovichMilstein,
-)
-
-
-def _check_base_solver(solver: diffrax.AbstractSolver) -> None:
-    name = type(solver).__name__
-    if is_invertible(solver):
-        raise ValueError(
-            f"`Reversible({name}())` is not needed: `{name}` is algebraically "
-            "reversible already, and works directly with "
-            f"`adjoint=ReversibleAdjoint()`: `diffeqsolve(..., solver={name}(), "
-            "adjoint=diffrax_reversible.ReversibleAdjoint())`."
-        )
-    if type(solver) is Reversible or isinstance(solver, diffrax.AbstractWrappedSolver):
-        raise ValueError(
-            f"`Reversible({name}(...))` is not possible: wrap a plain one-step "
-            "explicit solver, e.g. `Reversible(diffrax.Tsit5())`."
-        )
-    if isinstance(solver, diffrax.AbstractImplicitSolver):
-        raise ValueError(
-            f"`Reversible({name}())` is not possible: `{name}` is an implicit solver, "
-            "and `Reversible` needs an explicit one, whose step is cheap to evaluate "
-            "backwards in time. Consider `Reversible(diffrax.Tsit5())`."
-        )
-    if isinstance(solver, diffrax.AbstractFosterLangevinSRK):
-        raise ValueError(
-            f"`Reversible({name}())` is not supported: the underdamped Langevin "
-            "solvers take their own term structure and Lévy area, which the coupled "
-            "scheme does not step backwards. For an underdamped Langevin SDE, write "
-            "it as `MultiTerm(ODETerm(drift), ControlTerm(diffusion, "
-            "VirtualBrownianTree(...)))` and use `Reversible(diffrax.Heun())`."
-        )
-    if isinstance(solver, diffrax.AbstractSRK):
-        raise ValueError(
-            f"`Reversible({name}())` is not supported: Diffrax<=0.7.2 computes steps "
-            "of stochastic Runge--Kutta solvers with Lévy area wrongly when they are "
-            "taken backwards in time (diffrax issue #598). Consider "
-            "`Reversible(diffrax.Heun())` or `Reversible(diffrax.Midpoint())`."
-        )
-    if not (_has_explicit_tableau(solver) or type(solver) in _EXPLICIT_NON_RK_SOLVERS):
-        raise ValueError(
-            f"`Reversible({name}(...))` is not supported: `Reversible` needs a "
-            "one-step explicit solver whose step is a function of its start point "
-            f"alone, and `{name}` is not known to be one (an implicit or multistep "
-            "solver cannot be undone this way). Supported: explicit Runge--Kutta "
-            "solvers (`Euler`, `Heun`, `Midpoint`, `Ralston`, `Bosh3`, `Tsit5`, "
-            "`Dopri5`, `Dopri8`, or any `AbstractERK` with a `ButcherTableau`), "
-            "`EulerHeun`, `ItoMilstein` and `StratonovichMilstein`."
-        )
-
-
-def _check_sde_base(solver: diffrax.AbstractSolver, terms) -> None:
-    if is_sde(terms) and isinstance(solver, diffrax.AbstractItoSolver):
-        name = type(solver).__name__
-        raise ValueError(
-            f"`Reversible({name}())` does not solve SDEs: the reversible scheme "
-            "evaluates the diffusion at both ends of a step, so an Itô base solver "
-            "converges to neither the Itô nor the Stratonovich solution. Use a "
-            "Stratonovich base: `Reversible(diffrax.Heun())`, `Midpoint()`, "
-            "`Ralston()` or `EulerHeun()`."
-        )
 
 
 class _ReversibleInterpolation(diffrax.AbstractLocalInterpolation):
@@ -517,7 +206,7 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
     scan_kind: None | Literal["lax", "checkpointed", "bounded"] = None
 
     def __check_init__(self):
-        _check_base_solver(self.solver)
+        check_base_solver(self.solver)
         coupling = self.coupling_parameter
         if isinstance(coupling, str):
             if coupling != "auto":
@@ -567,7 +256,7 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
         args: Args,
     ) -> _SolverState:
         del t0, t1, args
-        _check_sde_base(self.solver, terms)
+        check_sde_base(self.solver, terms)
         return _ReversibleState(
             z=y0,
             peak=lax.stop_gradient(leaf_scales(y0)),
@@ -585,7 +274,7 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
         made_jump: BoolScalarLike,
     ) -> tuple[Y, Y | None, DenseInfo, _SolverState, diffrax.RESULTS]:
         del made_jump  # Every base step starts afresh anyway.
-        _check_sde_base(self.solver, terms)
+        check_sde_base(self.solver, terms)
         z0 = solver_state.z
         z_step, base_error, base_dense_info, result1 = self.base_step(
             terms, t0, t1, z0, args
@@ -598,14 +287,14 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
         z1 = (y1**ω + z0**ω - y1_back**ω).ω
         dense_info = _dense_info(base_dense_info, y0, z0, y1, z_step)
         gap0, gap1 = (y0**ω - z0**ω).ω, (y1**ω - z1**ω).ω
-        y_error = _reproducible(_with_gap_growth(base_error, gap0, gap1))
+        y_error = reproducible(with_gap_growth(base_error, gap0, gap1))
         increment = (z_step**ω - z0**ω).ω
         peak = lax.stop_gradient(
             [jnp.maximum(a, b) for a, b in zip(solver_state.peak, leaf_scales(y1))]
         )
         tol = PARASITIC_TOL if (self.solver.order(terms) or 1) > 1 else FIRST_ORDER_TOL
         unstable = gap_is_unstable(gap0, gap1, y0, y1, increment, peak, tol)
-        result = _first_failure(result1, result2, _report_instability(unstable))
+        result = _first_failure(result1, result2, report_instability(unstable))
         state1 = _ReversibleState(
             z=z1, peak=peak, log_growth=solver_state.log_growth + log_growth
         )
@@ -803,8 +492,8 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
         A 4-tuple of the end point, the error estimate, the dense information and the
         result of the wrapped solver's step.
         """
-        if self.scan_kind is None and _has_explicit_tableau(self.solver):
-            x1, error, dense_info = _unrolled_erk_step(
+        if self.scan_kind is None and has_explicit_tableau(self.solver):
+            x1, error, dense_info = unrolled_erk_step(
                 self.solver.tableau, terms, t0, t1, x0, args
             )
             return x1, error, dense_info, diffrax.RESULTS.successful

@@ -23,9 +23,10 @@ from jaxtyping import (
     Shaped,
 )
 
+from ._coupling import auto_coupling
 from ._custom_types import Args, RealScalarLike, Y
 from ._diffrax_internals import is_sde
-from ._solver import auto_coupling, Reversible
+from ._solver import Reversible
 
 
 # The test equation `y' = a y`

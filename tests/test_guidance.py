@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
-from diffrax_reversible._solver import auto_coupling
+from diffrax_reversible._coupling import auto_coupling
 
 
 def _assert_same_eigenvalues(estimated, reference, rtol):

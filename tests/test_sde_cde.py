@@ -124,7 +124,9 @@ def test_adaptive_sde_under_vmap_with_step_and_jump_times():
     )(y0s)
     ref_y0s, ref_args = [], jax.tree_util.tree_map(jnp.zeros_like, args)
     for y0, times in zip(y0s, np.asarray(step_times)):
-        step_to = diffrax.StepTo(jnp.concatenate([jnp.zeros(1), times[np.isfinite(times)]]))
+        step_to = diffrax.StepTo(
+            jnp.concatenate([jnp.zeros(1), times[np.isfinite(times)]])
+        )
         ref = jax.grad(loss, argnums=(0, 1))(
             y0, args, diffrax.RecursiveCheckpointAdjoint(), step_to, None
         )
