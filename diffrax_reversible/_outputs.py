@@ -212,15 +212,16 @@ class SubSaveAtPullBack(AbstractOutputPullBack):
 
 
 class DenseOutputPullBack(AbstractOutputPullBack):
-    """`SaveAt(dense=True)`: every step's `dense_info`, and the step times."""
+    """`SaveAt(dense=True)`: every step's `dense_info`, and the step times. (`None`
+    cotangents: nothing depends on them.)"""
 
     index: int = eqx.field(static=True)
-    grad_infos: PyTree[Array]
-    grad_ts: Array
+    grad_infos: PyTree[Array] | None
+    grad_ts: Array | None
 
     @property
     def uses_dense_info(self) -> bool:
-        return True
+        return self.grad_infos is not None
 
     def init(self) -> None:
         return None
@@ -231,12 +232,16 @@ class DenseOutputPullBack(AbstractOutputPullBack):
     def at_step_end(
         self, bwd: Backward, carry: BackwardCarry, step: Interval
     ) -> tuple[BackwardCarry, Array | None]:
+        if self.grad_ts is None:
+            return carry, None
         # The dense output records `min(end of step, t1)`.
         return carry, self.grad_ts[carry.k + 1]
 
     def within_step(
         self, bwd: Backward, carry: BackwardCarry, step: Interval, dense_info
     ) -> tuple[BackwardCarry, StepCotangents]:
+        if self.grad_infos is None:
+            return carry, NO_STEP_COTANGENTS
         info_bar = jtu.tree_map(
             lambda g, x: jnp.zeros_like(x) if g is None else g[carry.k],
             self.grad_infos,
@@ -246,6 +251,8 @@ class DenseOutputPullBack(AbstractOutputPullBack):
         return carry, StepCotangents(dense_info=info_bar, times=None, args=None)
 
     def at_t0(self, bwd: Backward, carry: BackwardCarry) -> BackwardCarry:
+        if self.grad_ts is None:
+            return carry
         return carry.with_times(t0=carry.times.t0 + self.grad_ts[0])
 
 

@@ -157,6 +157,17 @@ def test_dense_output_time_gradients():
     check_against_recursive_checkpoint(loss, jnp.array(0.0), jnp.array(2.0))
 
 
+@pytest.mark.parametrize("steps", [False, True])
+def test_dense_output_saved_but_unused(steps):
+    # Nothing depends on the dense output: its cotangents are `None`, not zeros.
+    def loss(adjoint, y0, args, t1):
+        saveat = diffrax.SaveAt(t1=True, steps=steps, dense=True)
+        sol = _solve(adjoint, y0=y0, args=args, t1=t1, saveat=saveat)
+        return finite_sum_of_squares(sol.ys)
+
+    check_against_recursive_checkpoint(loss, _Y0, _ARGS, jnp.array(2.0))
+
+
 @pytest.mark.parametrize(
     "solver", [dr.Reversible(diffrax.Tsit5()), diffrax.ReversibleHeun()]
 )
