@@ -8,6 +8,7 @@ from typing import Any, Literal
 import diffrax
 import equinox as eqx
 import equinox.internal as eqxi
+import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -132,12 +133,21 @@ def _batched_like(tree, like):
     firsts = [
         jnp.ravel(x)[0].astype(jnp.float32)
         for x in jtu.tree_leaves(like)
-        if eqx.is_array(x) and x.size > 0
+        if _is_numeric_array(x) and x.size > 0
     ]
     if not firsts:
         return tree
     tag = jnp.stack(firsts).sum() > 0
-    return jtu.tree_map(lambda x: jnp.where(tag, x, x) if eqx.is_array(x) else x, tree)
+    return jtu.tree_map(
+        lambda x: jnp.where(tag, x, x) if _is_numeric_array(x) else x, tree
+    )
+
+
+def _is_numeric_array(x) -> bool:
+    # Not a typed PRNG key (`jax.random.key`, as a `VirtualBrownianTree` holds).
+    if not eqx.is_array(x):
+        return False
+    return not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 @_loop_reversible.def_bwd

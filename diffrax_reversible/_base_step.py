@@ -38,8 +38,10 @@ def unrolled_erk_step(
     t1: RealScalarLike,
     y0: Y,
     args: Args,
+    control: PyTree,
 ) -> tuple[Y, Y, DenseInfo]:
-    """One step of an explicit Runge--Kutta method, with its stages unrolled.
+    """One step of an explicit Runge--Kutta method, with its stages unrolled, driven
+    by `control = terms.contr(t0, t1)`.
 
     Diffrax runs the stages in a loop, which is what it needs for implicit and
     first-same-as-last methods. Each reversible step is two fresh base steps, and the
@@ -48,7 +50,6 @@ def unrolled_erk_step(
     first-same-as-last stage of `Φ_{-h}`). The arithmetic, error estimate and dense
     information are those of Diffrax's own step.
     """
-    control = terms.contr(t0, t1)
     dt = t1 - t0
     ks = [terms.vf_prod(t0, y0, args, control)]
     for c_i, a_i in zip(tableau.c, tableau.a_lower):

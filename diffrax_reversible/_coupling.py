@@ -49,6 +49,7 @@ def local_decay(
     x0: Y,
     args: Args,
     direction: Y | None,
+    control: PyTree | None = None,
 ) -> ArrayLike:
     """An estimate of `a h`, the decay over the step `t0 -> t1` of the most damped
     dynamics at `x0`: minus the Rayleigh quotient `<v, J v> / <v, v>` of the Jacobian
@@ -61,7 +62,8 @@ def local_decay(
     fastest modes the step resolves, which are the ones the coupled scheme's parasitic
     mode grows along.
     """
-    control = terms.contr(t0, t1)
+    if control is None:
+        control = terms.contr(t0, t1)
 
     def increment(x):
         return terms.vf_prod(t0, x, args, control)
@@ -198,8 +200,8 @@ UNSTABLE_COUPLING_MESSAGE = (
     "`y` and `z` drifted apart (its parasitic mode grew), so the solution is not to be "
     "trusted. This happens on strongly decaying (damped, stiff) dynamics. Consider "
     '`Reversible(..., coupling_parameter="auto")` (the default) instead of a fixed '
-    "coupling, a smaller coupling parameter, or smaller steps (e.g. a smaller `dt0`, or "
-    "`dtmax` on the step size controller). "
+    "coupling, a smaller coupling parameter, or smaller steps (e.g. a smaller `dt0`, "
+    "or `dtmax` on the step size controller). "
     "`diffrax_reversible.check_stability` suggests a coupling and a step size."
 )
 

@@ -55,8 +55,8 @@ def _reconstruction_messages(tol) -> list[str]:
         else:
             measured = f"about 1e{exponent}"
         return (
-            "`ReversibleAdjoint`: the backward pass reconstructed the forward solve with "
-            f"a relative error of {measured}, above `reconstruction_tol={tol:.3g}`, so "
+            "`ReversibleAdjoint`: the backward pass reconstructed the forward solve "
+            f"with a relative error of {measured}, above `reconstruction_tol={tol:.3g}`, so "
             "the gradients are not to be trusted. Undoing a solve amplifies round-off "
             "by the decay of the dynamics (and by the coupling, `λ^{-N}` over `N` "
             "steps). Consider `ReversibleAdjoint(checkpoint_every=...)` (e.g. 100, or "

@@ -56,6 +56,12 @@ def _previous_state(
     )
 
 
+def _reversed(control: PyTree | None) -> PyTree | None:
+    """The control over a step taken backwards: `terms.contr(t1, t0)` is
+    `-terms.contr(t0, t1)` bitwise, for time, interpolated paths and Brownian paths."""
+    return None if control is None else jtu.tree_map(jnp.negative, control)
+
+
 def _first_failure(*results: diffrax.RESULTS) -> diffrax.RESULTS:
     out = diffrax.RESULTS.successful
     for result in results:
@@ -276,14 +282,17 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
         del made_jump  # Every base step starts afresh anyway.
         check_sde_base(self.solver, terms)
         z0 = solver_state.z
+        control = self._step_control(terms, t0, t1)
         z_step, base_error, base_dense_info, result1 = self.base_step(
-            terms, t0, t1, z0, args
+            terms, t0, t1, z0, args, control
         )
         coupling, log_growth = self._coupling(
-            terms, t0, t1, z0, args, z_step, base_error
+            terms, t0, t1, z0, args, z_step, base_error, control
         )
         y1 = (coupling * (y0**ω - z0**ω) + z_step**ω).ω
-        y1_back, _, _, result2 = self.base_step(terms, t1, t0, y1, args)
+        y1_back, _, _, result2 = self.base_step(
+            terms, t1, t0, y1, args, _reversed(control)
+        )
         z1 = (y1**ω + z0**ω - y1_back**ω).ω
         dense_info = _dense_info(base_dense_info, y0, z0, y1, z_step)
         gap0, gap1 = (y0**ω - z0**ω).ω, (y1**ω - z1**ω).ω
@@ -323,10 +332,13 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
         """
         state1 = z1
         z1 = state1.z
-        y1_back, _, _, _ = self.base_step(terms, t1, t0, y1, args)
+        control = self._step_control(terms, t0, t1)
+        y1_back, _, _, _ = self.base_step(terms, t1, t0, y1, args, _reversed(control))
         z0 = (z1**ω - y1**ω + y1_back**ω).ω
-        z_step, y_error, _, _ = self.base_step(terms, t0, t1, z0, args)
-        coupling, log_growth = self._coupling(terms, t0, t1, z0, args, z_step, y_error)
+        z_step, y_error, _, _ = self.base_step(terms, t0, t1, z0, args, control)
+        coupling, log_growth = self._coupling(
+            terms, t0, t1, z0, args, z_step, y_error, control
+        )
         y0 = ((y1**ω - z_step**ω) / coupling + z0**ω).ω
         return y0, _previous_state(state1, z0, log_growth)
 
@@ -411,32 +423,41 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
 
         times = (t0, t1) if time_cotangents else None
 
-        def backward_base_step(y, args, terms, times):
+        def step_control(terms, times):
             ta, tb = (t0, t1) if times is None else times
-            y_back, _, _, _ = self.base_step(terms, tb, ta, y, args)
+            return self._step_control(terms, ta, tb)
+
+        def backward_base_step(y, args, terms, times, control):
+            ta, tb = (t0, t1) if times is None else times
+            y_back, _, _, _ = self.base_step(terms, tb, ta, y, args, _reversed(control))
             return y_back
 
-        def forward_base_step(z, args, terms, times):
+        def forward_base_step(z, args, terms, times, control):
             ta, tb = (t0, t1) if times is None else times
-            z_step, error, base_dense_info, _ = self.base_step(terms, ta, tb, z, args)
+            step = self.base_step(terms, ta, tb, z, args, control)
+            z_step, error, base_dense_info, _ = step
             # The error estimate only feeds the coupling, which is not differentiated.
             return (z_step, base_dense_info if dense else None), error
 
+        # One control for both base steps; its cotangents are pulled back once.
+        control, pull_back_control = eqx.filter_vjp(step_control, terms, times)
         # Reverse of: A = Φ_h(z0); y1 = λ(y0 - z0) + A; B = Φ_{-h}(y1);
         # z1 = y1 + z0 - B; and, in `dense_info`, the offsets y0 - z0 and y1 - A.
         y1_back, pull_back_backward = eqx.filter_vjp(
-            backward_base_step, y1, args, terms, times
+            backward_base_step, y1, args, terms, times, control
         )
-        y1_bar_via_back, args_bar, terms_bar, times_bar = pull_back_backward(
-            (-(z1_bar**ω)).ω
+        y1_bar_via_back, args_bar, terms_bar, times_bar, control_bar = (
+            pull_back_backward((-(z1_bar**ω)).ω)
         )
         y1_bar = (y1_bar**ω + z1_bar**ω + y1_bar_via_back**ω).ω
         z0 = (z1**ω - y1**ω + y1_back**ω).ω
 
         (z_step, base_dense_info), pull_back_forward, y_error = eqx.filter_vjp(
-            forward_base_step, z0, args, terms, times, has_aux=True
+            forward_base_step, z0, args, terms, times, control, has_aux=True
         )
-        coupling, log_growth = self._coupling(terms, t0, t1, z0, args, z_step, y_error)
+        coupling, log_growth = self._coupling(
+            terms, t0, t1, z0, args, z_step, y_error, control
+        )
         y0 = ((y1**ω - z_step**ω) / coupling + z0**ω).ω
         state0 = _previous_state(state1, z0, log_growth)
         dense_info = _dense_info(base_dense_info, y0, z0, y1, z_step) if dense else None
@@ -455,8 +476,15 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
                 y0_bar = (coupling * y1_bar**ω).ω
                 z0_bar = (z1_bar**ω - coupling * y1_bar**ω).ω
                 base_dense_info_bar = None
-            z0_bar_via_step, args_bar_step, terms_bar_step, times_bar_step = (
-                pull_back_forward((z_step_bar, base_dense_info_bar))
+            (
+                z0_bar_via_step,
+                args_bar_step,
+                terms_bar_step,
+                times_bar_step,
+                control_bar2,
+            ) = pull_back_forward((z_step_bar, base_dense_info_bar))
+            terms_bar_control, times_bar_control = pull_back_control(
+                tree_add(control_bar, control_bar2)
             )
             z0_bar = (z0_bar**ω + z0_bar_via_step**ω).ω
             # As the step's own VJP: `log_growth` is carried on, `peak` is not
@@ -470,8 +498,8 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
                 y0_bar,
                 state0_bar,
                 tree_add(args_bar, args_bar_step),
-                tree_add(terms_bar, terms_bar_step),
-                tree_add(times_bar, times_bar_step),
+                tree_add(terms_bar, terms_bar_step, terms_bar_control),
+                tree_add(times_bar, times_bar_step, times_bar_control),
             )
 
         return (y0, state0), dense_info, pull_back
@@ -483,9 +511,11 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
         t1: RealScalarLike,
         x0: Y,
         args: Args,
+        control: PyTree | None = None,
     ) -> tuple[Y, Y | None, DenseInfo, diffrax.RESULTS]:
         """One step `Φ` of the wrapped solver from `t0` to `t1` (either way in time),
-        as a pure function of its start point `x0`.
+        as a pure function of its start point `x0`; driven by `control`, if given
+        (`terms.contr(t0, t1)`, see `_step_control`).
 
         **Returns:**
 
@@ -493,8 +523,10 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
         result of the wrapped solver's step.
         """
         if self.scan_kind is None and has_explicit_tableau(self.solver):
+            if control is None:
+                control = terms.contr(t0, t1)
             x1, error, dense_info = unrolled_erk_step(
-                self.solver.tableau, terms, t0, t1, x0, args
+                self.solver.tableau, terms, t0, t1, x0, args, control
             )
             return x1, error, dense_info, diffrax.RESULTS.successful
         solver = self._solver_with_scan_kind()
@@ -520,6 +552,7 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
         args: Args,
         z_step: Y,
         z_step_error: Y | None,
+        control: PyTree | None,
     ) -> tuple[ArrayLike, ArrayLike]:
         """The coupling `λ` of the step `t0 -> t1`, and the logarithm of the factor by
         which undoing the step amplifies round-off (see `_ReversibleState`).
@@ -529,7 +562,8 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
         `y0`, which the inverse is solving for."""
         # Cast to the state's dtype: strict dtype promotion forbids mixing.
         dtype = jnp.result_type(*jtu.tree_leaves(z0))
-        decay = lax.stop_gradient(local_decay(terms, t0, t1, z0, args, z_step_error))
+        decay = local_decay(terms, t0, t1, z0, args, z_step_error, control)
+        decay = lax.stop_gradient(decay)
         if isinstance(self.coupling_parameter, str):
             growth = lax.stop_gradient(solution_growth(z0, z_step))
             # The parasitic mode grows by about `λ e^{decay}`, the solution by
@@ -558,6 +592,26 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
             float_dtype
         ) + jnp.abs(decay).astype(float_dtype)
         return coupling, log_growth
+
+    def _step_control(
+        self,
+        terms: PyTree[diffrax.AbstractTerm],
+        t0: RealScalarLike,
+        t1: RealScalarLike,
+    ) -> PyTree | None:
+        """The control over the step, `terms.contr(t0, t1)`, evaluated once and shared
+        by `Φ_h`, `Φ_{-h}` (negated: `terms.contr(t1, t0)`, exactly) and the coupling.
+        A Brownian increment costs a descent of the `VirtualBrownianTree` each time.
+        `None` where the base solver's own step evaluates it (bases without an
+        unrolled tableau), or where the control is more than an increment (a Lévy
+        area, whose reversal is not a sign flip)."""
+        if self.scan_kind is not None or not has_explicit_tableau(self.solver):
+            return None
+        control = terms.contr(t0, t1)
+        leaves = jtu.tree_leaves(control, is_leaf=lambda x: isinstance(x, eqx.Module))
+        if not all(eqx.is_inexact_array(x) for x in leaves):
+            return None
+        return control
 
     def _solver_with_scan_kind(self) -> diffrax.AbstractSolver:
         # `DirectAdjoint` and `ForwardMode` set `scan_kind` on what they believe is a

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from .helpers import grad_tol, rel_error
+from .helpers import check_against_recursive_checkpoint, grad_tol, rel_error
 
 
 # Bases whose reversible scheme is an SDE solver here (see `test_strong_order`).
@@ -76,6 +76,46 @@ def test_sde_gradients_match_recursive_checkpoint(base, controller, diagonal):
     grads = grad(y0, args, dr.ReversibleAdjoint())
     ref_grads = grad(y0, args, diffrax.RecursiveCheckpointAdjoint())
     assert rel_error(grads, ref_grads) < grad_tol(jnp.float64)
+
+
+@pytest.mark.parametrize("key", [jr.key, jr.PRNGKey], ids=["typed", "raw"])
+def test_sde_with_typed_prng_key(key):
+    # `jax.random.key` makes a typed key array, which the Brownian tree holds: the
+    # custom VJP must pass it through untouched (it raised a `ValueError` before).
+    brownian = _brownian(key(5678))
+
+    def loss(adjoint, y0, args):
+        sol = diffrax.diffeqsolve(
+            _sde_terms(brownian),
+            dr.Reversible(diffrax.Heun()),
+            0.0,
+            1.0,
+            0.05,
+            y0,
+            args,
+            adjoint=adjoint,
+        )
+        return jnp.sum(sol.ys**2)
+
+    check_against_recursive_checkpoint(
+        loss, jnp.array([1.0, 0.5]), (jnp.array(0.7), jnp.array(0.4))
+    )
+
+
+@pytest.mark.parametrize("base", ["Heun", "Midpoint"])
+def test_backward_base_step_reuses_the_negated_control(base):
+    # `Reversible` evaluates the control (a Brownian increment) once per step, and
+    # drives `Φ_{-h}` with its negation: the same numbers as `terms.contr(t1, t0)`,
+    # so a step is bitwise the base solver's own backward step.
+    terms = _sde_terms(_brownian(jr.PRNGKey(1)))
+    solver = dr.Reversible(sde_bases[base]())
+    y1, args = jnp.array([0.8, -0.3]), (jnp.array(0.7), jnp.array(0.4))
+    t0, t1 = jnp.array(0.25), jnp.array(0.3125)
+    own = solver.base_step(terms, t1, t0, y1, args)[0]
+    negated = solver.base_step(
+        terms, t1, t0, y1, args, jax.tree.map(jnp.negative, terms.contr(t0, t1))
+    )[0]
+    assert bool(jnp.all(own == negated))
 
 
 def test_adaptive_sde_under_vmap_with_step_and_jump_times():
