@@ -56,12 +56,13 @@ def _reconstruction_messages(tol) -> list[str]:
             measured = f"about 1e{exponent}"
         return (
             "`ReversibleAdjoint`: the backward pass reconstructed the forward solve "
-            f"with a relative error of {measured}, above `reconstruction_tol={tol:.3g}`, so "
-            "the gradients are not to be trusted. Undoing a solve amplifies round-off "
-            "by the decay of the dynamics (and by the coupling, `λ^{-N}` over `N` "
-            "steps). Consider `ReversibleAdjoint(checkpoint_every=...)` (e.g. 100, or "
-            '`"auto"`), float64 instead of float32, or smaller steps on stiff or '
-            "strongly decaying problems; `reconstruction_tol=None` turns the check off."
+            f"with a relative error of {measured}, above "
+            f"`reconstruction_tol={tol:.3g}`, so the gradients are not to be trusted. "
+            "Undoing a solve amplifies round-off by the decay of the dynamics (and by "
+            "the coupling, `λ^{-N}` over `N` steps). Consider "
+            '`ReversibleAdjoint(checkpoint_every=...)` (e.g. 100, or `"auto"`), '
+            "float64 instead of float32, or smaller steps on stiff or strongly "
+            "decaying problems; `reconstruction_tol=None` turns the check off."
         )
 
     return [message(exponent) for exponent in _ERROR_EXPONENTS]
