@@ -8,7 +8,7 @@ from equinox.internal import ω
 from jaxtyping import PyTree
 
 from ._custom_types import Args, DenseInfo, RealScalarLike, Y
-from ._diffrax_internals import is_sde
+from ._diffrax_internals import is_sde, is_unsafe_sde
 from ._native import is_invertible
 
 
@@ -121,6 +121,13 @@ def check_base_solver(solver: diffrax.AbstractSolver) -> None:
 
 
 def check_sde_base(solver: diffrax.AbstractSolver, terms) -> None:
+    if is_unsafe_sde(terms):
+        raise ValueError(
+            f"`Reversible({type(solver).__name__}())` does not support "
+            "`UnsafeBrownianPath`: the coupled scheme steps backwards in time over "
+            "every step, and `UnsafeBrownianPath` cannot be evaluated backwards (it "
+            "gives NaN). Consider `diffrax.VirtualBrownianTree` instead."
+        )
     if is_sde(terms) and isinstance(solver, diffrax.AbstractItoSolver):
         name = type(solver).__name__
         raise ValueError(

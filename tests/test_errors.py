@@ -85,6 +85,29 @@ def test_unsafe_brownian_path():
         _solve(terms=terms, solver=dr.Reversible(diffrax.Heun()))
 
 
+@pytest.mark.parametrize("adjoint", [diffrax.DirectAdjoint(), diffrax.ForwardMode()])
+def test_unsafe_brownian_path_under_other_adjoints(adjoint):
+    # Diffrax's adjoints that accept `UnsafeBrownianPath` step `Reversible` with a
+    # `scan_kind`, whose base steps evaluate the path backwards in time: NaN before.
+    brownian = diffrax.UnsafeBrownianPath(shape=(1,), key=jr.PRNGKey(0))
+    terms = diffrax.MultiTerm(
+        diffrax.ODETerm(lambda t, y, args: -y),
+        diffrax.ControlTerm(lambda t, y, args: 0.1 * y, brownian),
+    )
+    with pytest.raises(
+        ValueError, match="`Reversible\\(Heun\\(\\)\\)` does not support"
+    ):
+        diffrax.diffeqsolve(
+            terms,
+            dr.Reversible(diffrax.Heun()),
+            0.0,
+            1.0,
+            0.1,
+            jnp.ones(1),
+            adjoint=adjoint,
+        )
+
+
 def test_time_gradients_with_adaptive_steps_raise_clearly():
     def loss(t1):
         return jnp.sum(
