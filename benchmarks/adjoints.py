@@ -33,11 +33,14 @@ from diffrax_reversible._misc import relative_error
 
 REVERSIBLE = "Reversible({base})+ReversibleAdjoint"
 LOOPED_STAGES = 'Reversible({base}, scan_kind="checkpointed")+ReversibleAdjoint'
+# Every stage's activations alive in the backward pass: the default on small states.
+UNROLLED_STAGES = "Reversible({base}, per_stage_vjp=False)+ReversibleAdjoint"
 # What the default reconstruction check asks for on long float32 solves.
 AUTO_CHECKPOINTS = 'Reversible({base})+ReversibleAdjoint(checkpoint_every="auto")'
 CONFIGS = {
     REVERSIBLE: (True, dr.ReversibleAdjoint),
     LOOPED_STAGES: ("checkpointed", dr.ReversibleAdjoint),
+    UNROLLED_STAGES: (dict(per_stage_vjp=False), dr.ReversibleAdjoint),
     AUTO_CHECKPOINTS: (True, ft.partial(dr.ReversibleAdjoint, checkpoint_every="auto")),
     "Reversible({base})+RecursiveCheckpoint": (
         True,
@@ -80,10 +83,17 @@ class GridField(eqx.Module):
 
 
 def _solver(reversible, base_cls=diffrax.Tsit5):
+    # `reversible`: False (the base alone), True (`Reversible` with its defaults), a
+    # `scan_kind`, or keyword arguments of `Reversible`.
     if not reversible:
         return base_cls()
-    scan_kind = reversible if isinstance(reversible, str) else None
-    return dr.Reversible(base_cls(), scan_kind=scan_kind)
+    if reversible is True:
+        kwargs = {}
+    elif isinstance(reversible, str):
+        kwargs = dict(scan_kind=reversible)
+    else:
+        kwargs = reversible
+    return dr.Reversible(base_cls(), **kwargs)
 
 
 def _solve_unit_interval(terms, solver, y0, args, adjoint, steps, dtype):
@@ -366,8 +376,15 @@ def main():
         rows += run_memory(
             64, [100, 10_000], (REVERSIBLE, "{base}+RecursiveCheckpoint")
         )
+        rows += run_problem(
+            "Large state: 64x64 grid, diffusion + pointwise MLP",
+            lambda steps, dtype: grid_problem(64, steps, dtype),
+            steps_list=[100],
+            configs=(REVERSIBLE, "{base}+RecursiveCheckpoint"),
+            repeats=3,
+        )
     else:
-        every = [c for c in CONFIGS if c != LOOPED_STAGES]
+        every = [c for c in CONFIGS if c not in (LOOPED_STAGES, UNROLLED_STAGES)]
         rows += run_neural_ode(
             "tiny",
             state=2,
@@ -397,11 +414,25 @@ def main():
         )
         memory_configs = (
             REVERSIBLE,
+            UNROLLED_STAGES,
             LOOPED_STAGES,
             "{base}+RecursiveCheckpoint",
+            "{base}+Backsolve",
             "Reversible({base})+RecursiveCheckpoint",
         )
         rows += run_memory(64, [100, 1000, 10_000, 100_000], memory_configs)
+        rows += run_problem(
+            "Large state: 64x64 grid, diffusion + pointwise MLP",
+            lambda steps, dtype: grid_problem(64, steps, dtype),
+            steps_list=[100, 1000],
+            configs=(
+                REVERSIBLE,
+                UNROLLED_STAGES,
+                "{base}+RecursiveCheckpoint",
+                "{base}+Backsolve",
+            ),
+            repeats=options.repeats,
+        )
         rows += run_problem(
             "Neural SDE (base Heun): state 4, MLPs width 32, "
             "diagonal noise, 16 paths (no float64 reference: the Brownian tree "

@@ -44,6 +44,7 @@ from ._pull_back import Backward, SolveInputs
 from ._solver import Reversible
 from ._step_record import (
     recording_while_loop,
+    step_ends_are_known,
     Residuals,
     residuals_of,
     steps_are_contiguous,
@@ -98,12 +99,19 @@ def _loop_reversible_fwd(
         check_time_gradients(stepsize_controller)
     records = []
     record_starts = not steps_are_contiguous(stepsize_controller)
+    record_ends = not step_ends_are_known(
+        stepsize_controller, inputs.event, inputs.terms
+    )
     final_state, aux_stats = _forward_loop(
         inputs,
         self=self,
         stepsize_controller=stepsize_controller,
         outer_while_loop=recording_while_loop(
-            record_starts, self.checkpoint_every, self.max_checkpoints, records
+            record_starts,
+            record_ends,
+            self.checkpoint_every,
+            self.max_checkpoints,
+            records,
         ),
         **kwargs,
     )

@@ -101,7 +101,7 @@ class SubSaveAtPullBack(AbstractOutputPullBack):
     def at_t1(self, bwd: Backward, carry: BackwardCarry) -> BackwardCarry:
         if not self.saves_at_t1:
             return carry
-        inputs, record, num_steps = bwd.inputs, bwd.record, bwd.residuals.num_steps
+        inputs, num_steps = bwd.inputs, bwd.residuals.num_steps
         cotangent = self.cotangent_at_t1(bwd)
         if finds_event_root(inputs.event):
             # Saved at the event's time instead: the event's pull-back takes it.
@@ -109,7 +109,7 @@ class SubSaveAtPullBack(AbstractOutputPullBack):
         cotangent, time_cotangent = cotangent
         # Saved at `min(end of the last step, t1)` (without steps: at `t0`): before
         # `t1` where an event without a root finder stopped the solve.
-        last_end = record.ends[jnp.maximum(num_steps - 1, 0)]
+        last_end = bwd.step_end(jnp.maximum(num_steps - 1, 0))
         t_saved = jnp.where(num_steps > 0, jnp.minimum(last_end, inputs.t1), inputs.t0)
         t_bar, y_bar, args_bar, fn_bar = pull_back_save(
             self.sub.fn, t_saved, bwd.residuals.y_final, inputs.args, cotangent

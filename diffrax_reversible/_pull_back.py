@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
 
+from ._diffrax_internals import known_step_end
 from ._misc import finds_event_root, tree_add
 from ._time_cotangents import TimeCotangents
 
@@ -144,21 +145,39 @@ class Backward(eqx.Module):
             return False
         return jnp.any(jnp.stack(jtu.tree_leaves(self.residuals.event.mask)))
 
+    def step_end(self, k):
+        """The end of accepted step `k` (`k >= 0`), as the forward solve took it."""
+        if self.record.ends is not None:
+            return self.record.ends[k]
+        inputs, residuals = self.inputs, self.residuals
+        return known_step_end(
+            self.stepsize_controller,
+            k,
+            inputs.t0,
+            inputs.t1,
+            inputs.dt0,
+            inputs.step_ts,
+            residuals.controller_num_steps,
+            residuals.controller_times,
+        )
+
     def step_start(self, k):
         record = self.record
         if record.starts is not None:
             return record.starts[k]
-        return jnp.where(k > 0, record.ends[k - 1], self.inputs.t0)
+        previous_end = self.step_end(jnp.maximum(k - 1, 0))
+        return jnp.where(k > 0, previous_end, self.inputs.t0)
 
     def interval(self, k) -> Interval:
         # Under `vmap` the loop runs on for the elements that are done (`k < 0`), and
         # discards what they compute. They redo step 0: a step within `[t0, t1]`, where
         # the terms (a Brownian path) can be evaluated.
-        ends = self.record.ends
+        k = jnp.maximum(k, 0)
+        previous_end = self.step_end(jnp.maximum(k - 1, 0))
         return Interval(
-            t0=self.step_start(jnp.maximum(k, 0)),
-            t1=ends[jnp.maximum(k, 0)],
-            prev_end=jnp.where(k > 0, ends[k - 1], -jnp.inf),
+            t0=self.step_start(k),
+            t1=self.step_end(k),
+            prev_end=jnp.where(k > 0, previous_end, -jnp.inf),
         )
 
     def interpolation(self, dense_info, step_t0, step_t1):

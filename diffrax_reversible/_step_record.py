@@ -17,9 +17,11 @@ from ._checkpoints import (
 )
 from ._diffrax_internals import (
     constant_step_count,
+    constant_step_times,
     current_state,
     event_record,
     EventRecord,
+    is_sde,
     num_accepted_steps,
     num_saved,
     num_ts_saved,
@@ -38,7 +40,8 @@ class StepRecord(eqx.Module):
 
     # Only where a step may start elsewhere than where the previous one ended.
     starts: Array | None
-    ends: Array
+    # Only where the ends are not known in closed form (see `step_ends_are_known`).
+    ends: Array | None
     # With `ReversibleAdjoint(checkpoint_every=...)`.
     checkpoints: Checkpoints | None
 
@@ -52,6 +55,7 @@ def _record_buffers(record: StepRecord):
 
 def recording_while_loop(
     record_starts: bool,
+    record_ends: bool,
     checkpoint_every: CheckpointEvery,
     max_checkpoints: int,
     records_out: list,
@@ -68,7 +72,7 @@ def recording_while_loop(
         )
         return StepRecord(
             starts=empty if record_starts else None,
-            ends=empty,
+            ends=empty if record_ends else None,
             checkpoints=checkpoints,
         )
 
@@ -80,7 +84,9 @@ def recording_while_loop(
         starts = record.starts
         if starts is not None:
             starts = starts.at[index].set(tprev)
-        ends = record.ends.at[index].set(tnext)
+        ends = record.ends
+        if ends is not None:
+            ends = ends.at[index].set(tnext)
         checkpoints = record.checkpoints
         if checkpoints is not None:
             checkpoints = record_checkpoint(checkpoints, checkpoint_every, state)
@@ -104,6 +110,27 @@ def steps_are_contiguous(controller: diffrax.AbstractStepSizeController) -> bool
     )
 
 
+def step_ends_are_known(controller, event, terms) -> bool:
+    """Whether the backward pass computes the end of every step itself
+    (`known_step_end`), so that nothing is recorded per step: with `StepTo`, and with
+    `ConstantStepSize` without an event (only an event stops a solve to an infinite
+    `t1`, where Diffrax adds up `dt0` step after step; whether `t1` is finite is only
+    known at run time); not for SDEs.
+
+    Diffrax computes the end of step `k` of `ConstantStepSize` as `t0 + (t1 - t0) *
+    (k + 1) / n`, which XLA contracts into a fused multiply-add or not, depending on
+    how it fuses the program around it: the same formula in the backward pass may
+    differ in the last bit (about a third of the steps in float32). On an ODE or a
+    CDE, that moves the undone step by a round-off error. A Brownian path, though,
+    is rough: an increment from a time one bit off differs by far more than
+    round-off, so SDEs keep their recorded times."""
+    if is_sde(terms):
+        return False
+    if type(controller) is diffrax.StepTo:
+        return True
+    return type(controller) is diffrax.ConstantStepSize and event is None
+
+
 def step_times_are_differentiable(controller) -> bool:
     # The step times of these are closed-form functions of `t0`, `t1`, `dt0`; an
     # adaptive controller's depend on its whole history of accepted and rejected steps.
@@ -124,6 +151,7 @@ class Residuals(eqx.Module):
     ys_shapes: list[PyTree[Any]]
     ts_shapes: list[Any]
     controller_num_steps: Array | None
+    controller_times: tuple[Array, Array] | None
     event: EventRecord
     event_time: Array | None
 
@@ -145,6 +173,7 @@ def residuals_of(
         ys_shapes=[shape_structs(saved_ys(s)) for s in states],
         ts_shapes=[shape_structs(saved_ts(s)) for s in states],
         controller_num_steps=constant_step_count(stepsize_controller, final_state),
+        controller_times=constant_step_times(stepsize_controller, final_state),
         event=event_record(final_state),
         event_time=event_time(event, subs, states, step_interval(final_state)[0]),
     )
