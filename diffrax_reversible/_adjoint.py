@@ -220,14 +220,16 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
     Diffrax's own `ReversibleHeun`, `LeapfrogMidpoint` and `SemiImplicitEuler`.
 
     The forward pass is Diffrax's own loop, which additionally records the times of
-    the accepted steps. The backward pass walks the steps in reverse, recovers each
+    the accepted steps (except where the backward pass can compute them: `StepTo`, and
+    `ConstantStepSize` without an event, on ODEs and CDEs). The backward pass walks the steps in reverse, recovers each
     state from the next one with the solver's closed-form inverse, and takes the
     vector-Jacobian product of that one step.
 
     The gradients are those of the discrete solve, exactly as
     [`diffrax.RecursiveCheckpointAdjoint`][] computes them (up to floating-point
     round-off), at a memory cost that does not grow with the number of steps apart from
-    one scalar (two across jumps) per step of `max_steps` for the recorded step times.
+    one scalar (two across jumps) per step of `max_steps` for the recorded step times,
+    where they are recorded.
     Backpropagation costs `O(n)` time in the number of steps `n`.
 
     Gradients flow to `y0`, `args`, the `terms` (for example the parameters of an

@@ -38,35 +38,6 @@ def has_explicit_tableau(solver: diffrax.AbstractSolver) -> bool:
     )
 
 
-def _erk_stages(
-    tableau: diffrax.ButcherTableau,
-    terms: PyTree[diffrax.AbstractTerm],
-    t0: RealScalarLike,
-    t1: RealScalarLike,
-    y0: Y,
-    args: Args,
-    control: PyTree,
-) -> tuple[list[Y], list[Y]]:
-    """The stage inputs `y_i` and the stage increments `k_i`."""
-    dt = t1 - t0
-    ys = [y0]
-    ks = [terms.vf_prod(t0, y0, args, control)]
-    for c_i, a_i in zip(tableau.c, tableau.a_lower):
-        y_i = _linear_combination(y0, a_i, ks)
-        ys.append(y_i)
-        ks.append(terms.vf_prod(t0 + float(c_i) * dt, y_i, args, control))
-    return ys, ks
-
-
-def _erk_step_from_stages(
-    tableau: diffrax.ButcherTableau, y0: Y, ks: list[Y]
-) -> tuple[Y, Y, DenseInfo]:
-    y1 = _linear_combination(y0, tableau.b_sol, ks)
-    y_error = _linear_combination(jtu.tree_map(jnp.zeros_like, y0), tableau.b_error, ks)
-    k = jtu.tree_map(lambda *stages: jnp.stack(stages), *ks)
-    return y1, y_error, dict(y0=y0, y1=y1, k=k)
-
-
 def unrolled_erk_step(
     tableau: diffrax.ButcherTableau,
     terms: PyTree[diffrax.AbstractTerm],
@@ -86,8 +57,15 @@ def unrolled_erk_step(
     first-same-as-last stage of `Φ_{-h}`). The arithmetic, error estimate and dense
     information are those of Diffrax's own step.
     """
-    _, ks = _erk_stages(tableau, terms, t0, t1, y0, args, control)
-    return _erk_step_from_stages(tableau, y0, ks)
+    dt = t1 - t0
+    ks = [terms.vf_prod(t0, y0, args, control)]
+    for c_i, a_i in zip(tableau.c, tableau.a_lower):
+        y_i = _linear_combination(y0, a_i, ks)
+        ks.append(terms.vf_prod(t0 + float(c_i) * dt, y_i, args, control))
+    y1 = _linear_combination(y0, tableau.b_sol, ks)
+    y_error = _linear_combination(jtu.tree_map(jnp.zeros_like, y0), tableau.b_error, ks)
+    k = jtu.tree_map(lambda *stages: jnp.stack(stages), *ks)
+    return y1, y_error, dict(y0=y0, y1=y1, k=k)
 
 
 def _tableau_arrays(

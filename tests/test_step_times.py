@@ -82,38 +82,6 @@ def test_step_to_ends_are_its_ts(dtype):
     np.testing.assert_array_equal(np.asarray(known), np.asarray(ends))
 
 
-def _gradient_temp_bytes(max_steps, controller):
-    def loss(y0, args):
-        sol = diffrax.diffeqsolve(
-            diffrax.ODETerm(lambda t, y, args: -args * jnp.tanh(y)),
-            dr.Reversible(diffrax.Tsit5()),
-            0.0,
-            1.0,
-            None if isinstance(controller, diffrax.StepTo) else 0.01,
-            y0,
-            args,
-            stepsize_controller=controller,
-            adjoint=dr.ReversibleAdjoint(),
-            max_steps=max_steps,
-        )
-        return jnp.sum(sol.ys**2)
-
-    y0, args = jnp.ones(64), jnp.array(0.5)
-    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(y0, args).compile()
-    return compiled.memory_analysis().temp_size_in_bytes
-
-
-@pytest.mark.parametrize(
-    "controller",
-    [diffrax.ConstantStepSize(), diffrax.StepTo(ts=jnp.linspace(0.0, 1.0, 101))],
-    ids=["constant", "step_to"],
-)
-def test_constant_steps_store_nothing_per_step(controller):
-    # The same 100 steps, in buffers sized by `max_steps`: nothing is.
-    small, large = (_gradient_temp_bytes(n, controller) for n in (100, 20_000))
-    assert large == small, f"{small=} {large=}"
-
-
 def test_sdes_keep_their_recorded_step_times():
     # A Brownian increment from a time one bit off is not a round-off error away.
     def temp_bytes(num_steps):
