@@ -44,9 +44,9 @@ from ._pull_back import Backward, SolveInputs
 from ._solver import Reversible
 from ._step_record import (
     recording_while_loop,
-    step_ends_are_known,
     Residuals,
     residuals_of,
+    step_ends_are_known,
     steps_are_contiguous,
 )
 
@@ -221,9 +221,9 @@ class ReversibleAdjoint(diffrax.AbstractAdjoint):
 
     The forward pass is Diffrax's own loop, which additionally records the times of
     the accepted steps (except where the backward pass can compute them: `StepTo`, and
-    `ConstantStepSize` without an event, on ODEs and CDEs). The backward pass walks the steps in reverse, recovers each
-    state from the next one with the solver's closed-form inverse, and takes the
-    vector-Jacobian product of that one step.
+    `ConstantStepSize` without an event, on ODEs and CDEs). The backward pass walks
+    the steps in reverse, recovers each state from the next one with the solver's
+    closed-form inverse, and takes the vector-Jacobian product of that one step.
 
     The gradients are those of the discrete solve, exactly as
     [`diffrax.RecursiveCheckpointAdjoint`][] computes them (up to floating-point

@@ -235,8 +235,9 @@ def known_step_end(controller, k, t0, t1, dt0, step_ts, num_steps, times):
     `constant_step_times`) and `StepTo` (`step_ts`, its `ts`). Not differentiated.
 
     With `StepTo`, bitwise. With `ConstantStepSize`, the same formula, which XLA may
-    evaluate with or without a fused multiply-add: a bit or two apart. For an infinite `t1`, Diffrax adds `dt0` to the previous end at every step;
-    then this is `t0 + (k + 1) dt0`, which may differ from that sum by round-off."""
+    evaluate with or without a fused multiply-add: a bit or two apart. For an
+    infinite `t1`, Diffrax adds `dt0` to the previous end at every step; then this is
+    `t0 + (k + 1) dt0`, which may differ from that sum by round-off."""
     if type(controller) is diffrax.ConstantStepSize:
         time_dtype = jnp.result_type(*times)
         t0_sim, t1_sim = times
