@@ -12,7 +12,7 @@ controller's state, or Diffrax's output layout.
   `outer_while_loop` it calls): `run_loop`, `outer_loop_with_record`.
 - `ConstantStepSize`'s controller state, Diffrax's constant-step time arithmetic and
   the loop's snapping of a step's end to `t1`: `constant_step_count`,
-  `constant_step_times`, `known_step_end`, `step_end_time`.
+  `known_step_end`, `step_end_time`.
 - The order of the outputs of one `SubSaveAt` (`t0`, then `ts` and `steps`
   interleaved, then `t1`): `t0_offset`, `ts_output_index`, `step_output_index`.
 """
@@ -212,15 +212,6 @@ def constant_step_count(controller, state) -> Array | None:
     return num_steps
 
 
-def constant_step_times(controller, state) -> tuple[Array, Array] | None:
-    """For `ConstantStepSize`, the `(t0, t1)` it divides into steps (`t1` is `dt0`
-    for an infinite `t1`), from the final loop state; `None` otherwise."""
-    if type(controller) is not diffrax.ConstantStepSize:
-        return None
-    _, _, t0, t1_or_dt0 = state.controller_state
-    return t0, t1_or_dt0
-
-
 def _t1_clip_floor(t1):
     # Diffrax's loop ends a step that would end within 100 ULPs of `t1` at `t1`.
     floor = t1
@@ -229,42 +220,10 @@ def _t1_clip_floor(t1):
     return floor
 
 
-def known_step_end(controller, k, t0, t1, dt0, step_ts, num_steps, times):
-    """The end of accepted step `k` as Diffrax's loop computes it, for
-    `ConstantStepSize` (`num_steps` and `times` from `constant_step_count` and
-    `constant_step_times`) and `StepTo` (`step_ts`, its `ts`). Not differentiated.
-
-    With `StepTo`, bitwise. With `ConstantStepSize`, the same formula, which XLA may
-    evaluate with or without a fused multiply-add: a bit or two apart. For an
-    infinite `t1`, Diffrax adds `dt0` to the previous end at every step; then this is
-    `t0 + (k + 1) dt0`, which may differ from that sum by round-off."""
-    if type(controller) is diffrax.ConstantStepSize:
-        time_dtype = jnp.result_type(*times)
-        t0_sim, t1_sim = times
-        # As `ConstantStepSize.adapt_step_size` computes it, after step `k - 1`.
-        steps_completed = jnp.astype(k, num_steps.dtype) + 1
-        later = t0_sim + (t1_sim - t0_sim) * (
-            jnp.astype(steps_completed, time_dtype) / jnp.astype(num_steps, time_dtype)
-        )
-        later = jnp.where(steps_completed == num_steps, t1_sim, later)
-        later = jnp.where(
-            num_steps >= 0, later, t0 + jnp.astype(steps_completed, time_dtype) * dt0
-        )
-        first = t0 + dt0
-    elif type(controller) is diffrax.StepTo:
-        later = step_ts[k + 1]
-        first = step_ts[1]
-    else:
-        raise NotImplementedError(type(controller))
-    first = jnp.minimum(first, t1)
-    later = jnp.where(later > _t1_clip_floor(t1), t1, later)
-    return lax.stop_gradient(jnp.where(k == 0, first, later))
-
-
-def step_end_time(controller, k, recorded_end, t0, t1, dt0, step_ts, num_steps):
-    """The end of accepted step `k` as Diffrax computes it, as a differentiable function
-    of `t0`, `t1`, `dt0` and `StepTo.ts` (`step_ts`), for `ConstantStepSize` (with
-    `num_steps` from `constant_step_count`) and `StepTo`."""
+def _step_end_formula(controller, k, t0, t1, dt0, step_ts, num_steps):
+    """Diffrax's ends of the first step and of a later step `k`, before the loop snaps
+    the latter to `t1`: `ConstantStepSize` (`num_steps` from `constant_step_count`) and
+    `StepTo` (`step_ts`, its `ts`)."""
     if type(controller) is diffrax.ConstantStepSize:
         dtype = jnp.result_type(t0)
         fraction = (k + 1).astype(dtype) / num_steps.astype(dtype)
@@ -275,10 +234,33 @@ def step_end_time(controller, k, recorded_end, t0, t1, dt0, step_ts, num_steps):
             t0 + (k + 1).astype(dtype) * dt0,
         )
         first = t0 + dt0
-    else:
+    elif type(controller) is diffrax.StepTo:
         later = step_ts[k + 1]
         first = later
-    first = jnp.minimum(first, t1)
+    else:
+        raise NotImplementedError(type(controller))
+    return jnp.minimum(first, t1), later
+
+
+def known_step_end(controller, k, t0, t1, dt0, step_ts, num_steps):
+    """The end of accepted step `k` as Diffrax's loop computes it, for the controllers
+    of `_step_end_formula`. Not differentiated.
+
+    With `StepTo`, bitwise. With `ConstantStepSize`, the same formula, which XLA may
+    evaluate with or without a fused multiply-add: a bit or two apart. For an
+    infinite `t1`, Diffrax adds `dt0` to the previous end at every step; then this is
+    `t0 + (k + 1) dt0`, which may differ from that sum by round-off."""
+    first, later = _step_end_formula(controller, k, t0, t1, dt0, step_ts, num_steps)
+    # Also the last step's end, which Diffrax's controller sets to `t1` itself.
+    later = jnp.where(later > _t1_clip_floor(t1), t1, later)
+    return lax.stop_gradient(jnp.where(k == 0, first, later))
+
+
+def step_end_time(controller, k, recorded_end, t0, t1, dt0, step_ts, num_steps):
+    """The end of accepted step `k` as Diffrax computes it, as a differentiable function
+    of `t0`, `t1`, `dt0` and `StepTo.ts` (`step_ts`), for the controllers of
+    `_step_end_formula`; `recorded_end` is its value."""
+    first, later = _step_end_formula(controller, k, t0, t1, dt0, step_ts, num_steps)
     # Diffrax snaps the end of the last step to `t1` exactly.
     later = jnp.where(recorded_end == t1, t1, later)
     return jnp.where(k == 0, first, later)

@@ -158,7 +158,6 @@ class Backward(eqx.Module):
             inputs.dt0,
             inputs.step_ts,
             residuals.controller_num_steps,
-            residuals.controller_times,
         )
 
     def step_start(self, k):

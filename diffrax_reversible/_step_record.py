@@ -17,7 +17,6 @@ from ._checkpoints import (
 )
 from ._diffrax_internals import (
     constant_step_count,
-    constant_step_times,
     current_state,
     event_record,
     EventRecord,
@@ -151,7 +150,6 @@ class Residuals(eqx.Module):
     ys_shapes: list[PyTree[Any]]
     ts_shapes: list[Any]
     controller_num_steps: Array | None
-    controller_times: tuple[Array, Array] | None
     event: EventRecord
     event_time: Array | None
 
@@ -173,7 +171,6 @@ def residuals_of(
         ys_shapes=[shape_structs(saved_ys(s)) for s in states],
         ts_shapes=[shape_structs(saved_ts(s)) for s in states],
         controller_num_steps=constant_step_count(stepsize_controller, final_state),
-        controller_times=constant_step_times(stepsize_controller, final_state),
         event=event_record(final_state),
         event_time=event_time(event, subs, states, step_interval(final_state)[0]),
     )

@@ -41,7 +41,7 @@ def _known_constant_ends(t0, t1, dt0):
     num_steps = jnp.ceil((t1 - t0) / eqxi.nextafter(dt0)).astype(jnp.int32)
     ends = jax.vmap(
         lambda k: known_step_end(
-            diffrax.ConstantStepSize(), k, t0, t1, dt0, None, num_steps, (t0, t1)
+            diffrax.ConstantStepSize(), k, t0, t1, dt0, None, num_steps
         )
     )(jnp.arange(64))
     return ends * direction, num_steps
@@ -76,7 +76,7 @@ def test_step_to_ends_are_its_ts(dtype):
     ends = _step_ends(diffrax.StepTo(ts=ts), ts[0], ts[-1], None, dtype)
     known = jax.vmap(
         lambda k: known_step_end(
-            diffrax.StepTo(ts=ts), k, ts[0], ts[-1], None, ts, None, None
+            diffrax.StepTo(ts=ts), k, ts[0], ts[-1], None, ts, None
         )
     )(jnp.arange(len(ends)))
     np.testing.assert_array_equal(np.asarray(known), np.asarray(ends))
