@@ -228,11 +228,15 @@ def print_table(title, rows, reversible=label(REVERSIBLE)):
         base = reversible_time.get(r["steps"])
         ratio = f"{grad_s / base:.2f}x" if grad_s and base else "-"
         fmt = lambda key, spec: format(r[key], spec) if key in r else "-"
+        if "stopped" in r:
+            error = "stopped by " + r["stopped"]
+        else:
+            error = fmt("grad_rel_error", ".1e")
         print(
             f"| {r['config']} | {r['steps']} | {fmt('grad_s', '.4f')} "
             f"| {fmt('forward_s', '.4f')} | {r['compile_s']:.2f} "
             f"| {r['temp_bytes'] / 2**20:.3f} "
-            f"| {'stopped by ' + r['stopped'] if 'stopped' in r else fmt('grad_rel_error', '.1e')} "
+            f"| {error} "
             f"| {ratio} |"
         )
 

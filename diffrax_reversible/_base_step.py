@@ -241,10 +241,10 @@ def stage_activation_bytes(
         y0,
         inputs,
     )
-    return max(0, _nbytes(residuals) - _nbytes((y0, inputs)))
+    return max(0, tree_nbytes(residuals) - tree_nbytes((y0, inputs)))
 
 
-def _nbytes(tree: PyTree) -> int:
+def tree_nbytes(tree: PyTree) -> int:
     # Arrays, and the `jax.ShapeDtypeStruct`s of `eqx.filter_eval_shape`; typed PRNG
     # keys (in a Brownian path) are not activations.
     leaves = [

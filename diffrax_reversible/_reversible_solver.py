@@ -20,9 +20,9 @@ class AbstractReversibleSolver(diffrax.AbstractSolver[_SolverState]):
     [`diffrax_reversible.AbstractReversibleSolver.backward_step`][].
 
     Subclass it, implement Diffrax's `init`, `step`, `func` (and `order`, …) as for any
-    [`diffrax.AbstractSolver`][], and `backward_step`; then
-    `diffeqsolve(..., solver=MySolver(), adjoint=diffrax_reversible.ReversibleAdjoint())`
-    gives exact gradients in memory independent of the number of steps. The backward
+    [`diffrax.AbstractSolver`][], and `backward_step`; then `diffeqsolve(...,
+    solver=MySolver(), adjoint=diffrax_reversible.ReversibleAdjoint())` gives
+    exact gradients in memory independent of the number of steps. The backward
     pass calls `backward_step` to rebuild the state at the start of each step, and
     differentiates `step` from there (with `made_jump=False`: jumps,
     `ClipStepSizeController(jump_ts=...)`, are refused): `backward_step` itself is

@@ -18,6 +18,7 @@ from ._base_step import (
     has_explicit_tableau,
     looped_erk_step,
     stage_activation_bytes,
+    tree_nbytes,
     unrolled_erk_step,
 )
 from ._coupling import (
@@ -39,7 +40,7 @@ from ._misc import is_none, tree_add
 
 # Above this many bytes of stage activations, a base step's VJP in the backward pass
 # is taken one stage at a time (see `Reversible.per_stage_vjp`).
-PER_STAGE_BYTES = 2**20
+PER_STAGE_BYTES = 2**17
 
 
 class _ReversibleState(eqx.Module):
@@ -190,9 +191,10 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
     The coupling `λ` is chosen per step by default (`coupling_parameter="auto"`): the
     step matrix of the scheme on `y' = a y` has a parasitic eigenvalue of about
     `λ e^{a h}` besides the physical `e^{-a h}`, so a fixed `λ` close to 1 lets every
-    mode that decays faster than `(1 - λ) / h` grow. The automatic coupling estimates the
-    local decay `a h` (a Rayleigh quotient of the Jacobian of the vector field along the
-    base step's error estimate, one Jacobian-vector product per step) and takes
+    mode that decays faster than `(1 - λ) / h` grow. The automatic coupling estimates
+    the local decay `a h` (a Rayleigh quotient of the Jacobian of the vector field
+    along the base step's error estimate, one Jacobian-vector product per step) and
+    takes
     `λ = e^{-2 a h}`, clipped to `[0.01, 0.999]`: decaying modes are damped as fast as
     the physical ones, and on oscillatory or neutral dynamics `λ = 0.999`, the
     reconstruction's round-off grows only like `0.999^{-N}`. The coupling is computed
@@ -601,7 +603,13 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
         if self.per_stage_vjp is True:
             return True
         stages = len(self.solver.tableau.c) + 1
-        return stages * stage_activation_bytes(stage, x0, inputs) > PER_STAGE_BYTES
+        activations = stage_activation_bytes(stage, x0, inputs)
+        # The loop carries the inputs' cotangent (a model's parameters) from stage to
+        # stage, and under `vmap` one per batch element, which XLA cannot sum across
+        # stages as it does unrolled: a wide MLP on a small state under `vmap` took
+        # 2.5x the memory and time in the loop.
+        large = stages * activations > PER_STAGE_BYTES
+        return large and activations > tree_nbytes(inputs)
 
     def base_step(
         self,
@@ -741,10 +749,10 @@ Reversible.__init__.__doc__ = """**Arguments:**
     with Lévy area raise a `ValueError`.
 - `coupling_parameter`: the coupling `λ` between the two states: `"auto"` (the
     default) to choose it per step from the local decay of the dynamics, as above; or a
-    fixed number in `(0, 1]`. A fixed value close to 1 (such as 0.999, the paper's) makes
-    the backward reconstruction most stable on oscillatory problems (round-off grows
-    like `λ^{-N}` over `N` steps) but is unstable on decaying ones; smaller values damp
-    the parasitic mode of the scheme more strongly.
+    fixed number in `(0, 1]`. A fixed value close to 1 (such as 0.999, the paper's)
+    makes the backward reconstruction most stable on oscillatory problems (round-off
+    grows like `λ^{-N}` over `N` steps) but is unstable on decaying ones; smaller
+    values damp the parasitic mode of the scheme more strongly.
 - `scan_kind`: how the stages of a Runge--Kutta base solver are run. `None` (the
     default) unrolls the stages of explicit Runge--Kutta methods: fastest on small
     states, and XLA drops unused stages (or runs them in a loop of its own, see
@@ -762,9 +770,12 @@ Reversible.__init__.__doc__ = """**Arguments:**
     the unrolled stages (`False`) keep every stage's. That costs one more vector field
     evaluation per stage and a loop's overhead, which is what matters on small states.
     `"auto"` (the default) chooses `True` where the activations of all the stages of
-    one base step would exceed 1 MiB, measured at trace time (so per element under
-    `jax.vmap`). On a 64x64 grid with a pointwise MLP (float32, 100 steps), this took
-    the memory of a gradient from 2.6 to 0.74 times that of
-    `Tsit5()+RecursiveCheckpointAdjoint()`, and its time from about 8 to under 2 times:
-    unrolled, XLA re-evaluated earlier stages inside later ones there.
+    one base step would exceed 128 KiB and one stage's activations exceed the size of
+    what the vector field reads besides the state (its parameters), both measured at
+    trace time (so per element under `jax.vmap`). On a 64x64 grid with a pointwise MLP
+    (float32, 100 steps), this took the memory of a gradient from 2.6 to 0.74 times
+    that of `Tsit5()+RecursiveCheckpointAdjoint()`, and its time from about 8 to under
+    2 times: unrolled, XLA re-evaluated earlier stages inside later ones there. A
+    Neural ODE on a small state under `jax.vmap` keeps the unrolled stages, which are
+    faster there.
 """

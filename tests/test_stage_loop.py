@@ -178,16 +178,13 @@ class _GridField(eqx.Module):
         return 0.1 * laplacian + jax.vmap(jax.vmap(self.mlp))(y[..., None])[..., 0]
 
 
-def _grid_gradient_temp_bytes(solver, adjoint, steps):
-    model = _GridField(
-        eqx.nn.MLP(1, 1, 16, 1, jnp.tanh, key=jr.PRNGKey(0), dtype=jnp.float32)
-    )
-    x = jnp.linspace(0, 2 * jnp.pi, 64, dtype=jnp.float32)
-    y0 = jnp.sin(x)[:, None] * jnp.cos(x)[None, :]
+def _gradient_temp_bytes(field, y0s, solver, adjoint, steps, batched=False):
+    """Compiled temp memory of one gradient, constant steps over [0, 1], float32.
+    With `batched`, `y0s` is a batch of initial states and the solve is vmapped."""
 
-    def loss(model, y0):
-        sol = diffrax.diffeqsolve(
-            diffrax.ODETerm(model),
+    def solve(field, y0):
+        return diffrax.diffeqsolve(
+            diffrax.ODETerm(field),
             solver,
             jnp.float32(0),
             jnp.float32(1),
@@ -195,11 +192,24 @@ def _grid_gradient_temp_bytes(solver, adjoint, steps):
             y0,
             adjoint=adjoint,
             max_steps=steps,
-        )
-        return jnp.mean(sol.ys**2)
+        ).ys
 
-    compiled = eqx.filter_jit(eqx.filter_grad(loss)).lower(model, y0).compile()
+    def loss(field, y0s):
+        if batched:
+            return jnp.mean(jax.vmap(solve, in_axes=(None, 0))(field, y0s) ** 2)
+        return jnp.mean(solve(field, y0s) ** 2)
+
+    compiled = eqx.filter_jit(eqx.filter_grad(loss)).lower(field, y0s).compile()
     return compiled.compiled.memory_analysis().temp_size_in_bytes
+
+
+def _grid_gradient_temp_bytes(solver, adjoint, steps, size=64):
+    model = _GridField(
+        eqx.nn.MLP(1, 1, 16, 1, jnp.tanh, key=jr.PRNGKey(0), dtype=jnp.float32)
+    )
+    x = jnp.linspace(0, 2 * jnp.pi, size, dtype=jnp.float32)
+    y0 = jnp.sin(x)[:, None] * jnp.cos(x)[None, :]
+    return _gradient_temp_bytes(model, y0, solver, adjoint, steps)
 
 
 @pytest.mark.parametrize("steps", [100, 10_000])
@@ -214,3 +224,32 @@ def test_large_state_memory_at_most_recursive_checkpoint(steps):
         diffrax.Tsit5(), diffrax.RecursiveCheckpointAdjoint(), steps
     )
     assert ours <= theirs, f"{ours=} {theirs=}"
+
+
+class _MLPField(eqx.Module):
+    mlp: eqx.nn.MLP
+
+    def __call__(self, t, y, args):
+        return self.mlp(y)
+
+
+@pytest.mark.parametrize("problem", ["grid", "vmapped wide MLP"])
+def test_default_takes_the_stage_loop_where_it_saves_memory(problem):
+    def temp_bytes(per_stage_vjp):
+        solver = dr.Reversible(diffrax.Tsit5(), per_stage_vjp=per_stage_vjp)
+        if problem == "grid":
+            return _grid_gradient_temp_bytes(solver, dr.ReversibleAdjoint(), 50, 16)
+        # A small state under `vmap` and a wide network: each stage's activations
+        # (per batch element) are smaller than the parameters, whose cotangent the
+        # stage loop carries from stage to stage, per batch element.
+        key = jr.PRNGKey(0)
+        field = _MLPField(
+            eqx.nn.MLP(32, 32, 2048, 1, jnp.tanh, key=key, dtype=jnp.float32)
+        )
+        y0s = jr.normal(jr.PRNGKey(1), (16, 32), jnp.float32)
+        adjoint = dr.ReversibleAdjoint()
+        return _gradient_temp_bytes(field, y0s, solver, adjoint, 50, batched=True)
+
+    default, looped, unrolled = (temp_bytes(flag) for flag in ("auto", True, False))
+    assert default == min(looped, unrolled), f"{default=} {looped=} {unrolled=}"
+    assert max(looped, unrolled) > 1.5 * default, f"{looped=} {unrolled=}"
