@@ -194,9 +194,8 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
     mode that decays faster than `(1 - λ) / h` grow. The automatic coupling estimates
     the local decay `a h` (a Rayleigh quotient of the Jacobian of the vector field
     along the base step's error estimate, one Jacobian-vector product per step) and
-    takes
-    `λ = e^{-2 a h}`, clipped to `[0.01, 0.999]`: decaying modes are damped as fast as
-    the physical ones, and on oscillatory or neutral dynamics `λ = 0.999`, the
+    takes `λ = e^{-2 a h}`, clipped to `[0.01, 0.999]`: decaying modes are damped as
+    fast as the physical ones, and on oscillatory or neutral dynamics `λ = 0.999`, the
     reconstruction's round-off grows only like `0.999^{-N}`. The coupling is computed
     from what the inverse step also knows (`z0`, `t0`, `t1`), so the step stays exactly
     invertible. It is not differentiated (like a step size, it is a choice of
