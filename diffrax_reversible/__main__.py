@@ -1,4 +1,5 @@
 from ._demo import main
 
 
-main()
+if __name__ == "__main__":  # Not when documentation tools import every module.
+    main()
