@@ -28,7 +28,7 @@ MAX_CHECKPOINTS_MESSAGE = (
     '`ReversibleAdjoint(checkpoint_every="auto")` needed more than `max_checkpoints` '
     "stored states: the dynamics destroy more information than that many "
     "checkpoints can hold. Increase `ReversibleAdjoint(max_checkpoints=...)`, or use "
-    "float64, or a larger coupling parameter."
+    "float64, whose round-off leaves more digits to spend between checkpoints."
 )
 
 

@@ -60,7 +60,8 @@ def _reconstruction_messages(tol) -> list[str]:
             f"`reconstruction_tol={tol:.3g}`, so the gradients are not to be trusted. "
             "Undoing a solve amplifies round-off by the decay of the dynamics (and by "
             "the coupling, `λ^{-N}` over `N` steps). Consider "
-            '`ReversibleAdjoint(checkpoint_every=...)` (e.g. 100, or `"auto"`), '
+            '`ReversibleAdjoint(checkpoint_every=...)` (e.g. 100, or `"auto"` with '
+            "`Reversible(...)`), "
             "float64 instead of float32, or smaller steps on stiff or strongly "
             "decaying problems; `reconstruction_tol=None` turns the check off."
         )
