@@ -440,7 +440,8 @@ def cheap_cases(seed: int, num_cases: int, max_cost: float) -> list[int]:
 
 
 def documented_rejection(config: Config) -> str | None:
-    """Why the README says `ReversibleAdjoint` rejects `config` (None: supported)."""
+    """Why the support table (docs/supported.md) says `ReversibleAdjoint` rejects
+    `config` (None: supported)."""
     if config.problem == "sde" and config.solver == "Euler":
         return "Itô base for an SDE"
     if "t1" in config.wrt and config.controller in ("pid", "clip"):
@@ -1109,7 +1110,7 @@ class Result:
             )
         rejection = documented_rejection(c)
         if rejection is not None:
-            lines.append(f"  README: rejected ({rejection})")
+            lines.append(f"  support table: rejected ({rejection})")
         if self.traceback:
             frames = re.findall(_PACKAGE_FRAME, self.traceback)
             if frames:
@@ -1406,7 +1407,7 @@ def summary(results: list[Result]) -> str:
     if unexpected:
         lines.append("")
         lines.append(
-            f"{len(unexpected)} refusals of configurations the README supports:"
+            f"{len(unexpected)} refusals of configurations the support table supports:"
         )
         for r in unexpected:
             lines.append(
@@ -1420,7 +1421,7 @@ def summary(results: list[Result]) -> str:
     if not_rejected:
         lines.append("")
         lines.append(
-            f"{len(not_rejected)} cases the README says are rejected, that agree:"
+            f"{len(not_rejected)} cases the support table rejects, that agree:"
         )
         for r in not_rejected:
             lines.append(
