@@ -94,23 +94,19 @@ def _reaction_diffusion(steps, size, dtype):
     )
 
 
-_DEFAULT = ("Tsit5() + RecursiveCheckpointAdjoint (Diffrax's default)", False, "rca")
-_OURS = ("Reversible(Tsit5()) + ReversibleAdjoint", True, "reversible")
+# (name, whether the solver is `Reversible(Tsit5())`, adjoint)
+_DEFAULT = (
+    "Tsit5() + RecursiveCheckpointAdjoint (Diffrax's default)",
+    False,
+    diffrax.RecursiveCheckpointAdjoint(),
+)
+_OURS = ("Reversible(Tsit5()) + ReversibleAdjoint", True, ReversibleAdjoint())
 _EVERY_ADJOINT = (
     _DEFAULT,
-    ("Tsit5() + DirectAdjoint", False, "direct"),
-    ("Tsit5() + BacksolveAdjoint", False, "backsolve"),
+    ("Tsit5() + DirectAdjoint", False, diffrax.DirectAdjoint()),
+    ("Tsit5() + BacksolveAdjoint", False, diffrax.BacksolveAdjoint()),
     _OURS,
 )
-
-
-def _adjoint(kind):
-    return {
-        "rca": diffrax.RecursiveCheckpointAdjoint,
-        "direct": diffrax.DirectAdjoint,
-        "backsolve": diffrax.BacksolveAdjoint,
-        "reversible": ReversibleAdjoint,
-    }[kind]()
 
 
 def _status(message):
@@ -119,9 +115,8 @@ def _status(message):
         print(f"\r\033[K{message}", end="", flush=True)
 
 
-def _measure(problem, name, reversible, kind, repeats):
+def _measure(problem, name, reversible, adjoint, repeats):
     solver = Reversible(diffrax.Tsit5()) if reversible else diffrax.Tsit5()
-    adjoint = _adjoint(kind)
     grad = eqx.filter_jit(
         eqx.filter_grad(lambda f, y0: problem.loss(f, y0, solver, adjoint))
     )
@@ -144,9 +139,9 @@ def _compare(problem, adjoints, repeats):
     print(problem.title)
     rows = []
     reference = None
-    for name, reversible, kind in adjoints:
+    for name, reversible, adjoint in adjoints:
         grads, temp_bytes, compile_time, run_time = _measure(
-            problem, name, reversible, kind, repeats
+            problem, name, reversible, adjoint, repeats
         )
         if reference is None:
             reference = grads
