@@ -24,7 +24,6 @@ each regime: the timings are only as steady as the machine.
 
 import argparse
 import dataclasses
-import functools as ft
 import json
 import logging
 import os
@@ -36,7 +35,6 @@ import time
 from collections.abc import Callable
 
 import diffrax
-import diffrax_reversible as dr
 import equinox as eqx
 import jax
 import jax.flatten_util
@@ -48,38 +46,31 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from adjoints import (
     _solver,
     _to_float64,
+    AUTO_CHECKPOINTS,
+    CONFIGS,
     grid_problem,
     label,
     neural_cde_problem,
     neural_ode_problem,
     neural_sde_problem,
+    REVERSIBLE,
 )
 
 
-OURS = "Reversible({base})+ReversibleAdjoint"
-RCA = "{base}+RecursiveCheckpointAdjoint"
-DIRECT = "{base}+DirectAdjoint"
-BACKSOLVE = "{base}+BacksolveAdjoint"
+# Configuration names, and what they run, are `adjoints.py`'s; only forward mode is new.
+OURS = REVERSIBLE
+RCA = "{base}+RecursiveCheckpoint"
+DIRECT = "{base}+Direct"
+BACKSOLVE = "{base}+Backsolve"
 FORWARD = "{base}+ForwardMode (jacfwd)"
 # The remedy that the reconstruction check's message suggests; measured only where ours
 # (the defaults) is stopped, and then the row the others' ratios are taken to.
-OURS_CHECKPOINTED = 'Reversible({base})+ReversibleAdjoint(checkpoint_every="auto")'
+OURS_CHECKPOINTED = AUTO_CHECKPOINTS
 # Not a contender: our discretisation, backpropagated through; only ours is compared
 # with it.
-SAME_DISCRETISATION = "Reversible({base})+RecursiveCheckpointAdjoint"
+SAME_DISCRETISATION = "Reversible({base})+RecursiveCheckpoint"
 # name: (`_solver`'s `reversible`, adjoint class).
-ADJOINTS = {
-    OURS: (True, dr.ReversibleAdjoint),
-    OURS_CHECKPOINTED: (
-        True,
-        ft.partial(dr.ReversibleAdjoint, checkpoint_every="auto"),
-    ),
-    RCA: (False, diffrax.RecursiveCheckpointAdjoint),
-    DIRECT: (False, diffrax.DirectAdjoint),
-    BACKSOLVE: (False, diffrax.BacksolveAdjoint),
-    FORWARD: (False, diffrax.ForwardMode),
-    SAME_DISCRETISATION: (True, diffrax.RecursiveCheckpointAdjoint),
-}
+ADJOINTS = {**CONFIGS, FORWARD: (False, diffrax.ForwardMode)}
 CONTENDERS = (OURS, RCA, DIRECT, BACKSOLVE, FORWARD)
 # A compiled gradient wanting more temporary memory than this is not run (the machine
 # is shared); its memory is still reported.
