@@ -291,6 +291,14 @@ def neural_cde_problem(hidden, channels, batch, steps, dtype, seed=5678):
     return model, coeffs, loss
 
 
+def write_rows(rows, path):
+    """The measured rows, as JSON, for later comparison."""
+    out = pathlib.Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=1))
+    print(f"\nWrote {out}")
+
+
 def run_problem(
     title, make, *, steps_list, configs, repeats, base=diffrax.Tsit5, reference=True
 ):
@@ -456,10 +464,7 @@ def main():
             configs=every,
             repeats=options.repeats,
         )
-    out = pathlib.Path(options.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1))
-    print(f"\nWrote {out}")
+    write_rows(rows, options.out)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ each regime: the timings are only as steady as the machine.
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import pathlib
@@ -54,6 +53,7 @@ from adjoints import (
     neural_ode_problem,
     neural_sde_problem,
     REVERSIBLE,
+    write_rows,
 )
 
 
@@ -449,10 +449,7 @@ def main():
         f"\nTotal {time.perf_counter() - start:.0f} s; load average "
         f"{_load(os.getloadavg())} at the end."
     )
-    out = pathlib.Path(options.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1))
-    print(f"\nWrote {out}")
+    write_rows(rows, options.out)
 
 
 if __name__ == "__main__":
