@@ -7,6 +7,7 @@ AdamW with learning rate 1e-2 and weight decay 1e-5 (optax); the best training l
 kept; the runtime is that of the training loop after compilation.
 """
 
+import argparse
 import json
 import math
 import os
@@ -217,6 +218,61 @@ def train_interleaved(
     return rows
 
 
+def run_over_bases(
+    title: str,
+    name: str,
+    *,
+    fit: Callable,
+    state: int,
+    time_dependent: bool,
+    checkpoints: tuple[int, ...],
+    steps: tuple[int, int],
+    paper: dict | None = None,
+    paper_note: str,
+    argv=None,
+) -> None:
+    """The command line of an experiment that trains the paper's MLP on the data
+    `fit = (ts, ys)` for each base (`--bases`): `--quick` or `--full` (`steps`, the
+    training steps of each), or `--steps N`. Prints a table per base, `paper` (the
+    paper's numbers by configuration) beside the Euler one, then `paper_note`; writes
+    `results/` (see `run_name`)."""
+    parser = argparse.ArgumentParser(description=title)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help=f"{steps[0]} steps")
+    mode.add_argument("--full", action="store_true", help=f"{steps[1]} steps")
+    parser.add_argument("--bases", nargs="+", default=list(BASES))
+    parser.add_argument("--steps", type=int, help="override the training steps")
+    options = parser.parse_args(argv)
+    training_steps = options.steps or steps[1 if options.full else 0]
+    print(f"{title}: {machine()}; {training_steps} training steps")
+    ts, ys = fit
+
+    def loss(model, solver, adjoint):
+        return mse_at_steps(model, solver, adjoint, ts=ts, ys=ys)
+
+    results = {}
+    for base in options.bases:
+        print(f"\n{base}, load {load()}")
+        model = MLPField(state, time_dependent=time_dependent, key=key(0))
+        configs = configurations(base, checkpoints, short_fraction=1 / 20)
+        results[base] = train_interleaved(
+            configs,
+            loss,
+            model,
+            steps=training_steps,
+            chunk=max(1, training_steps // 10),
+        )
+    print(f"\nload average at the end: {load()}")
+    for base, rows in results.items():
+        print(f"\n### {base}\n")
+        print_training_table(rows, paper if base == "Euler" else None)
+    print(f"\n{paper_note}")
+    write_json(
+        run_name(name, options),
+        dict(machine=machine(), steps=training_steps, results=results),
+    )
+
+
 def solve_at_steps(model, solver, adjoint, *, ts, y0, controller=None, max_steps=None):
     """The model's solution at every step (`SaveAt(steps=True)`) from `ts[0]` to
     `ts[-1]`, with initial step `ts[1] - ts[0]` and, by default, `max_steps` the number
@@ -280,6 +336,13 @@ def print_training_table(rows: list[dict], paper: dict | None = None) -> None:
             f"| {row['compile_s']:.1f} "
             f"| {loss} | {published[0]} | {published[1]} |"
         )
+
+
+def run_name(name: str, options) -> str:
+    """The results file of a run: `--quick`, `--full`, or `--steps N` apart."""
+    if getattr(options, "steps", None):
+        return f"{name}_{options.steps}_steps"
+    return f"{name}_{'full' if options.full else 'quick'}"
 
 
 def write_json(name: str, payload) -> None:

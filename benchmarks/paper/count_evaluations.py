@@ -17,14 +17,11 @@ import argparse
 import collections
 
 import _common as common
-import diffrax
-import diffrax_reversible as dr
 import equinox as eqx
 import jax
-import jax.numpy as jnp
+import runtime_complexity
 
 
-DT = 0.01
 COUNTS = collections.Counter()
 
 
@@ -43,48 +40,13 @@ class CountedField(eqx.Module):
         return self.field(t, y, args)
 
 
-def configs(n):
-    yield (
-        "Reversible(Midpoint)",
-        dr.Reversible(diffrax.Midpoint()),
-        dr.ReversibleAdjoint(),
-    )
-    yield (
-        f"Reversible(Midpoint, λ={common.PAPER_COUPLING})",
-        dr.Reversible(diffrax.Midpoint(), coupling_parameter=common.PAPER_COUPLING),
-        dr.ReversibleAdjoint(),
-    )
-    for c in (common.default_checkpoints(n), 8, 4, 2):
-        yield (
-            f"Midpoint+RecursiveCheckpoint(c={c})",
-            diffrax.Midpoint(),
-            diffrax.RecursiveCheckpointAdjoint(checkpoints=c),
-        )
-
-
-def count(n, solver, adjoint, gradient: bool) -> dict:
-    field = CountedField(common.MLPField(1, time_dependent=False, key=common.key(5678)))
-
-    def loss(field):
-        sol = diffrax.diffeqsolve(
-            diffrax.ODETerm(field),
-            solver,
-            0.0,
-            n * DT,
-            DT,
-            jnp.array([1.0]),
-            saveat=diffrax.SaveAt(t1=True),
-            adjoint=adjoint,
-            max_steps=n,
-        )
-        return jnp.sum(sol.ys**2)
-
+def count(loss, field, gradient: bool) -> int:
     fn = eqx.filter_jit(eqx.filter_grad(loss) if gradient else loss)
     jax.block_until_ready(fn(field))  # compile (and count) once
     COUNTS.clear()
     jax.block_until_ready(fn(field))
     jax.effects_barrier()
-    return dict(COUNTS)
+    return COUNTS["evaluation"]
 
 
 def main(argv=None):
@@ -98,14 +60,15 @@ def main(argv=None):
     )
     print("|---|---|---|---|---|")
     rows = []
-    for label, solver, adjoint in configs(n):
-        solve = count(n, solver, adjoint, gradient=False)
-        grad = count(n, solver, adjoint, gradient=True)
+    # Experiment 1's configurations, with its model and loss.
+    for label, (solver, adjoint) in runtime_complexity.configurations(n).items():
+        loss = runtime_complexity.scalar_loss(n, "t1", solver, adjoint)
+        field = CountedField(runtime_complexity.scalar_field())
         row = dict(
             config=label,
             n=n,
-            solve_evaluations=solve.get("evaluation", 0),
-            evaluations=grad.get("evaluation", 0),
+            solve_evaluations=count(loss, field, gradient=False),
+            evaluations=count(loss, field, gradient=True),
         )
         rows.append(row)
         print(

@@ -18,8 +18,6 @@ c = 2 trains a twentieth of the steps (in `--quick`, one) and its runtime is sca
 from its measured cost per step.
 """
 
-import argparse
-
 import _common as common
 import jax.numpy as jnp
 import jax.random as jr
@@ -45,37 +43,16 @@ def data():
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="30 training steps")
-    mode.add_argument("--full", action="store_true", help="10 000 training steps")
-    parser.add_argument("--bases", nargs="+", default=list(common.BASES))
-    parser.add_argument("--steps", type=int, help="override the training steps")
-    options = parser.parse_args(argv)
-    steps = options.steps or (10_000 if options.full else 30)
-    chunk = max(1, steps // 10)
-    print(f"Experiment 3, coupled oscillators: {common.machine()}; {steps} steps")
-    ts, ys = data()
-
-    def loss(model, solver, adjoint):
-        return common.mse_at_steps(model, solver, adjoint, ts=ts, ys=ys)
-
-    results = {}
-    for base in options.bases:
-        print(f"\n{base}, load {common.load()}")
-        model = common.MLPField(4, time_dependent=False, key=common.key(0))
-        configs = common.configurations(base, CHECKPOINTS, short_fraction=1 / 20)
-        results[base] = common.train_interleaved(
-            configs, loss, model, steps=steps, chunk=chunk
-        )
-    print(f"\nload average at the end: {common.load()}")
-    for base, rows in results.items():
-        print(f"\n### {base}\n")
-        common.print_training_table(rows)
-    print(f"\nPaper (laboratory data): {PAPER_RANGE}.")
-    common.write_json(
-        f"coupled_oscillators_{'full' if options.full else 'quick'}",
-        dict(machine=common.machine(), steps=steps, results=results),
+    common.run_over_bases(
+        "Experiment 3, coupled oscillators",
+        "coupled_oscillators",
+        fit=data(),
+        state=4,
+        time_dependent=False,
+        checkpoints=CHECKPOINTS,
+        steps=(30, 10_000),
+        paper_note=f"Paper (laboratory data): {PAPER_RANGE}.",
+        argv=argv,
     )
 
 

@@ -117,7 +117,7 @@ def main(argv=None):
         + ", ".join(f"{row['config']} {row['solver_steps']}" for row in rows)
     )
     common.write_json(
-        f"double_pendulum_{'full' if options.full else 'quick'}",
+        common.run_name("double_pendulum", options),
         dict(machine=common.machine(), steps=steps, results={"Bosh3": rows}),
     )
 

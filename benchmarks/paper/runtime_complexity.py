@@ -20,6 +20,7 @@ forward solve and what the backward pass adds.
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import _common as common
 import diffrax
@@ -38,7 +39,7 @@ PAPER_N1000 = {REVERSIBLE_FIXED: 0.073, "c=default": 0.296, "c=8": 0.632}
 PAPER_N1000 |= {"c=4": 1.676, "c=2": 15.04}
 
 
-def _configs(n: int) -> dict[str, tuple]:
+def configurations(n: int) -> dict[str, tuple]:
     configs = {
         REVERSIBLE: (dr.Reversible(diffrax.Midpoint()), dr.ReversibleAdjoint()),
         REVERSIBLE_FIXED: (
@@ -66,9 +67,14 @@ def _paper_key(config: str, n: int) -> str | None:
     return None
 
 
-def _loss_and_gradient(n: int, saveat: str, solver, adjoint):
-    field = common.MLPField(1, time_dependent=False, key=common.key(5678))
-    y0 = jnp.array([1.0])
+def scalar_field() -> common.MLPField:
+    """The experiment's model, the paper's MLP 1 -> 10 -> 1."""
+    return common.MLPField(1, time_dependent=False, key=common.key(5678))
+
+
+def scalar_loss(n: int, saveat: str, solver, adjoint) -> Callable:
+    """The experiment's loss, `sum(y^2)` over `SaveAt(t1=True)` or
+    `SaveAt(steps=True)`, as a function of the vector field."""
 
     def loss(field):
         sol = diffrax.diffeqsolve(
@@ -77,19 +83,24 @@ def _loss_and_gradient(n: int, saveat: str, solver, adjoint):
             0.0,
             n * DT,
             DT,
-            y0,
+            jnp.array([1.0]),
             saveat=diffrax.SaveAt(**{saveat: True}),
             adjoint=adjoint,
             max_steps=n,
         )
         return jnp.sum(jnp.where(jnp.isfinite(sol.ys), sol.ys, 0.0) ** 2)
 
-    return eqx.filter_jit(loss), eqx.filter_jit(eqx.filter_grad(loss)), field
+    return loss
+
+
+def _loss_and_gradient(n: int, saveat: str, solver, adjoint):
+    loss = scalar_loss(n, saveat, solver, adjoint)
+    return eqx.filter_jit(loss), eqx.filter_jit(eqx.filter_grad(loss)), scalar_field()
 
 
 def run(n: int, saveat: str, repeats: int, calls: int) -> list[dict]:
     rows = {}
-    for name, (solver, adjoint) in _configs(n).items():
+    for name, (solver, adjoint) in configurations(n).items():
         solve, grad, field = _loss_and_gradient(n, saveat, solver, adjoint)
         start = time.perf_counter()
         jax.block_until_ready(grad(field))

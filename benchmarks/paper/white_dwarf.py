@@ -16,8 +16,6 @@ c = 2 trains a twentieth of the steps (in `--quick`, one) and its runtime is sca
 from its measured cost per step: a full run of it takes hours, as in the paper.
 """
 
-import argparse
-
 import _common as common
 import jax.numpy as jnp
 
@@ -46,37 +44,17 @@ def data():
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="30 training steps")
-    mode.add_argument("--full", action="store_true", help="1 000 training steps")
-    parser.add_argument("--bases", nargs="+", default=list(common.BASES))
-    parser.add_argument("--steps", type=int, help="override the training steps")
-    options = parser.parse_args(argv)
-    steps = options.steps or (1000 if options.full else 30)
-    chunk = max(1, steps // 10)
-    print(f"Experiment 2, white dwarf: {common.machine()}; {steps} training steps")
-    ts, ys = data()
-
-    def loss(model, solver, adjoint):
-        return common.mse_at_steps(model, solver, adjoint, ts=ts, ys=ys)
-
-    results = {}
-    for base in options.bases:
-        print(f"\n{base}, load {common.load()}")
-        model = common.MLPField(2, time_dependent=True, key=common.key(0))
-        configs = common.configurations(base, CHECKPOINTS, short_fraction=1 / 20)
-        results[base] = common.train_interleaved(
-            configs, loss, model, steps=steps, chunk=chunk
-        )
-    print(f"\nload average at the end: {common.load()}")
-    for base, rows in results.items():
-        print(f"\n### {base}\n")
-        common.print_training_table(rows, PAPER if base == "Euler" else None)
-    print(f"\nPaper: {PAPER_RANGE}.")
-    common.write_json(
-        f"white_dwarf_{'full' if options.full else 'quick'}",
-        dict(machine=common.machine(), steps=steps, results=results),
+    common.run_over_bases(
+        "Experiment 2, white dwarf",
+        "white_dwarf",
+        fit=data(),
+        state=2,
+        time_dependent=True,
+        checkpoints=CHECKPOINTS,
+        steps=(30, 1000),
+        paper=PAPER,
+        paper_note=f"Paper: {PAPER_RANGE}.",
+        argv=argv,
     )
 
 
