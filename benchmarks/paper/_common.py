@@ -101,15 +101,20 @@ def default_checkpoints(max_steps: int) -> int:
     return math.floor(-1.5 + math.sqrt(2 * max_steps + 0.25)) + 1
 
 
-def configurations(base, checkpoints, *, short: int = 2, short_fraction=1.0):
+# RCA with this few checkpoints costs ~100x the others per training step: it trains
+# this share of the steps, and its runtime is scaled up from its cost per step (the
+# number of steps of a constant-step solve does not change while training; a full run
+# of it would take hours, as in the paper).
+SHORT_CHECKPOINTS = 2
+SHORT_FRACTION = 1 / 20
+
+
+def configurations(base, checkpoints) -> list[dict]:
     """The configurations of one experiment for one base, as dicts with `config` (a
     label), `solver`, `adjoint` and `fraction` (of the training steps it runs):
     `Reversible` with its default (automatic) coupling and with the paper's fixed
     coupling, then the base under `RecursiveCheckpointAdjoint` for each number of
-    checkpoints. With `c <= short` checkpoints a configuration trains only
-    `short_fraction` of the steps: its cost per step is that of every other step (the
-    number of steps of the solve does not change while training), and a full run of
-    it would take hours."""
+    checkpoints (see `SHORT_CHECKPOINTS`)."""
     base = BASES[base]() if isinstance(base, str) else base
     name = type(base).__name__
     rows = [
@@ -117,11 +122,13 @@ def configurations(base, checkpoints, *, short: int = 2, short_fraction=1.0):
             config=f"Reversible({name})",
             solver=dr.Reversible(base),
             adjoint=dr.ReversibleAdjoint(),
+            fraction=1.0,
         ),
         dict(
             config=f"Reversible({name}, λ={PAPER_COUPLING})",
             solver=dr.Reversible(base, coupling_parameter=PAPER_COUPLING),
             adjoint=dr.ReversibleAdjoint(),
+            fraction=1.0,
         ),
     ]
     for c in checkpoints:
@@ -130,20 +137,18 @@ def configurations(base, checkpoints, *, short: int = 2, short_fraction=1.0):
                 config=f"{name}+RecursiveCheckpoint(c={c})",
                 solver=base,
                 adjoint=diffrax.RecursiveCheckpointAdjoint(checkpoints=c),
-                fraction=short_fraction if c <= short else 1.0,
+                fraction=SHORT_FRACTION if c <= SHORT_CHECKPOINTS else 1.0,
             )
         )
-    for row in rows:
-        row.setdefault("fraction", 1.0)
     return rows
 
 
 def train_interleaved(
     configs: list[dict], loss: Callable, model, *, steps: int, chunk: int
-) -> list[dict]:
+) -> tuple[list[dict], list]:
     """Train one copy of `model` per configuration (see `configurations`) for its
-    share of `steps` AdamW steps, the loss being `loss(model, solver, adjoint)`. Each
-    row of the result holds the trained `model` too (`write_json` leaves it out).
+    share of `steps` AdamW steps, the loss being `loss(model, solver, adjoint)`.
+    Returns a row of measurements per configuration, and the trained models.
 
     The configurations take turns, `chunk` steps at a time: the machine is shared, and
     what disturbs one configuration then disturbs the others alike. Each training step
@@ -212,17 +217,31 @@ def train_interleaved(
                 compile_s=s["compile_s"],
                 best_loss=min(s["losses"]),
                 final_loss=s["losses"][-1],
-                model=s["model"],
             )
         )
-    return rows
+    return rows, [s["model"] for s in states]
+
+
+def command_line(title: str, steps: tuple[int, int], *, bases: bool, argv):
+    """The options of a training experiment: `--quick` or `--full` (`steps`, the
+    training steps of each), or `--steps N`; with `bases`, `--bases`. Returns the
+    options and the number of training steps."""
+    parser = argparse.ArgumentParser(description=title)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help=f"{steps[0]} steps")
+    mode.add_argument("--full", action="store_true", help=f"{steps[1]} steps")
+    if bases:
+        parser.add_argument("--bases", nargs="+", default=list(BASES))
+    parser.add_argument("--steps", type=int, help="override the training steps")
+    options = parser.parse_args(argv)
+    return options, options.steps or steps[1 if options.full else 0]
 
 
 def run_over_bases(
     title: str,
     name: str,
     *,
-    fit: Callable,
+    fit: tuple,
     state: int,
     time_dependent: bool,
     checkpoints: tuple[int, ...],
@@ -231,19 +250,11 @@ def run_over_bases(
     paper_note: str,
     argv=None,
 ) -> None:
-    """The command line of an experiment that trains the paper's MLP on the data
-    `fit = (ts, ys)` for each base (`--bases`): `--quick` or `--full` (`steps`, the
-    training steps of each), or `--steps N`. Prints a table per base, `paper` (the
-    paper's numbers by configuration) beside the Euler one, then `paper_note`; writes
+    """An experiment that trains the paper's MLP on the data `fit = (ts, ys)` for each
+    base (see `command_line`). Prints a table per base, with `paper` (the paper's
+    numbers by configuration) beside the rows it names, then `paper_note`; writes
     `results/` (see `run_name`)."""
-    parser = argparse.ArgumentParser(description=title)
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help=f"{steps[0]} steps")
-    mode.add_argument("--full", action="store_true", help=f"{steps[1]} steps")
-    parser.add_argument("--bases", nargs="+", default=list(BASES))
-    parser.add_argument("--steps", type=int, help="override the training steps")
-    options = parser.parse_args(argv)
-    training_steps = options.steps or steps[1 if options.full else 0]
+    options, training_steps = command_line(title, steps, bases=True, argv=argv)
     print(f"{title}: {machine()}; {training_steps} training steps")
     ts, ys = fit
 
@@ -253,9 +264,9 @@ def run_over_bases(
     results = {}
     for base in options.bases:
         print(f"\n{base}, load {load()}")
-        model = MLPField(state, time_dependent=time_dependent, key=key(0))
-        configs = configurations(base, checkpoints, short_fraction=1 / 20)
-        results[base] = train_interleaved(
+        model = MLPField(state, time_dependent=time_dependent, key=jr.key(0))
+        configs = configurations(base, checkpoints)
+        results[base], _ = train_interleaved(
             configs,
             loss,
             model,
@@ -265,7 +276,7 @@ def run_over_bases(
     print(f"\nload average at the end: {load()}")
     for base, rows in results.items():
         print(f"\n### {base}\n")
-        print_training_table(rows, paper if base == "Euler" else None)
+        print_training_table(rows, paper)
     print(f"\n{paper_note}")
     write_json(
         run_name(name, options),
@@ -348,7 +359,7 @@ def run_name(name: str, options) -> str:
 def write_json(name: str, payload) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{name}.json"
-    out.write_text(json.dumps(payload, indent=1, default=lambda _: None))
+    out.write_text(json.dumps(payload, indent=1))
     print(f"\nWrote {out}")
 
 
@@ -368,7 +379,3 @@ def solve_exactly(vector_field, y0, ts, args=None):
         max_steps=200_000,
     )
     return sol.ys
-
-
-def key(seed: int):
-    return jr.key(seed)

@@ -14,7 +14,7 @@ c = 31 (Diffrax's default for 499 steps), 16, 8, 4, 2.
     python benchmarks/paper/coupled_oscillators.py --quick   # 30 training steps
     python benchmarks/paper/coupled_oscillators.py --full    # 10 000, as the paper
 
-c = 2 trains a twentieth of the steps (in `--quick`, one) and its runtime is scaled up
+c = 2 trains a twentieth of the steps (in `--quick`, two) and its runtime is scaled up
 from its measured cost per step.
 """
 

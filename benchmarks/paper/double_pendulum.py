@@ -14,17 +14,16 @@ step outputs are linearly interpolated onto the grid for the loss. It trains as
     python benchmarks/paper/double_pendulum.py --quick   # 200 training steps
     python benchmarks/paper/double_pendulum.py --full    # 10 000, as the paper
 
-c = 2 trains a twentieth of the steps (in `--quick`, one) and its runtime is scaled up
+c = 2 trains a twentieth of the steps (in `--quick`, ten) and its runtime is scaled up
 from its measured cost per step. Adaptive steps make the cost per step depend on the
 model, so this scaling is rougher here than on constant steps.
 """
-
-import argparse
 
 import _common as common
 import diffrax
 import jax
 import jax.numpy as jnp
+import jax.random as jr
 
 
 POINTS, T1, SCALE, MAX_STEPS = 500, 2.0, 0.1, 1000
@@ -68,15 +67,9 @@ def interpolate_steps(ts_steps, ys_steps, t0, y0, grid):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument(
-        "--quick", action="store_true", help="200 training steps (default)"
+    options, steps = common.command_line(
+        "Experiment 4, double pendulum", (200, 10_000), bases=False, argv=argv
     )
-    mode.add_argument("--full", action="store_true", help="10 000 training steps")
-    parser.add_argument("--steps", type=int, help="override the training steps")
-    options = parser.parse_args(argv)
-    steps = options.steps or (10_000 if options.full else 200)
     chunk = max(1, steps // 10)
     print(f"Experiment 4, double pendulum: {common.machine()}; {steps} steps")
     ts, ys = data()
@@ -95,13 +88,15 @@ def main(argv=None):
         pred = interpolate_steps(ts_steps, ys_steps, ts[0], ys[0], ts)
         return jnp.mean((pred - ys) ** 2)
 
-    model = common.MLPField(4, time_dependent=False, key=common.key(0))
-    configs = common.configurations(diffrax.Bosh3(), CHECKPOINTS, short_fraction=1 / 20)
-    rows = common.train_interleaved(configs, loss, model, steps=steps, chunk=chunk)
-    for row, config in zip(rows, configs):
+    model = common.MLPField(4, time_dependent=False, key=jr.key(0))
+    configs = common.configurations(diffrax.Bosh3(), CHECKPOINTS)
+    rows, models = common.train_interleaved(
+        configs, loss, model, steps=steps, chunk=chunk
+    )
+    for row, config, trained in zip(rows, configs, models):
         # The cost of a solve grows with the steps the trained model needs.
         sol_ts, _ = common.solve_at_steps(
-            row["model"],
+            trained,
             config["solver"],
             config["adjoint"],
             ts=ts,

@@ -28,6 +28,7 @@ import diffrax_reversible as dr
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.random as jr
 
 
 DT = 0.01
@@ -69,7 +70,7 @@ def _paper_key(config: str, n: int) -> str | None:
 
 def scalar_field() -> common.MLPField:
     """The experiment's model, the paper's MLP 1 -> 10 -> 1."""
-    return common.MLPField(1, time_dependent=False, key=common.key(5678))
+    return common.MLPField(1, time_dependent=False, key=jr.key(5678))
 
 
 def scalar_loss(n: int, saveat: str, solver, adjoint) -> Callable:

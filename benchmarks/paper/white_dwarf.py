@@ -12,7 +12,7 @@ Ralston3, RK4) trains as `Reversible(base)` (default coupling, and the paper's
     python benchmarks/paper/white_dwarf.py --quick    # 30 training steps
     python benchmarks/paper/white_dwarf.py --full     # 1 000, as the paper
 
-c = 2 trains a twentieth of the steps (in `--quick`, one) and its runtime is scaled up
+c = 2 trains a twentieth of the steps (in `--quick`, two) and its runtime is scaled up
 from its measured cost per step: a full run of it takes hours, as in the paper.
 """
 
