@@ -295,14 +295,11 @@ def check_base_solver(solver: diffrax.AbstractSolver) -> None:
             "it as `MultiTerm(ODETerm(drift), ControlTerm(diffusion, "
             "VirtualBrownianTree(...)))` and use `Reversible(diffrax.Heun())`."
         )
-    if isinstance(solver, diffrax.AbstractSRK):
-        raise ValueError(
-            f"`Reversible({name}())` is not supported: Diffrax<=0.7.2 computes steps "
-            "of stochastic Runge--Kutta solvers with Lévy area wrongly when they are "
-            "taken backwards in time (diffrax issue #598). Consider "
-            "`Reversible(diffrax.Heun())` or `Reversible(diffrax.Midpoint())`."
-        )
-    if not (has_explicit_tableau(solver) or type(solver) in _EXPLICIT_NON_RK_SOLVERS):
+    if not (
+        has_explicit_tableau(solver)
+        or type(solver) in _EXPLICIT_NON_RK_SOLVERS
+        or isinstance(solver, diffrax.AbstractSRK)
+    ):
         raise ValueError(
             f"`Reversible({name}(...))` is not supported: `Reversible` needs a "
             "one-step explicit solver whose step is a function of its start point "
