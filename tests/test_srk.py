@@ -1,0 +1,155 @@
+"""Stochastic Runge--Kutta bases (`AbstractSRK`: ShARK, SRA1, SEA, SPaRK, GeneralShARK,
+SlowRK) inside `Reversible`, driven by a `VirtualBrownianTree` with space-time Lévy
+area."""
+
+import diffrax
+import diffrax_reversible as dr
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import lineax as lx
+import numpy as np
+import pytest
+
+from .helpers import check_against_recursive_checkpoint
+
+
+_THETA, _SIGMA = 0.7, 0.5
+# The noise each tableau is valid for, as Diffrax documents it.
+additive_only = {"ShARK": diffrax.ShARK, "SRA1": diffrax.SRA1, "SEA": diffrax.SEA}
+general = {
+    "SPaRK": diffrax.SPaRK,
+    "GeneralShARK": diffrax.GeneralShARK,
+    "SlowRK": diffrax.SlowRK,
+}
+srk_bases = additive_only | general
+adaptive = ("ShARK", "SRA1", "SPaRK")  # the ones with an error estimate
+
+
+def _brownian(key, t1=1.0, tol=2**-14):
+    return diffrax.VirtualBrownianTree(
+        0.0, t1, tol=tol, shape=(2,), key=key, levy_area=diffrax.SpaceTimeLevyArea
+    )
+
+
+def _terms(brownian, noise):
+    drift = lambda t, y, args: -args[0] * y + jnp.tanh(args[1] * y) + jnp.sin(t)
+    if noise == "additive":  # time-dependent, state-independent
+        matrix = jnp.array([[0.5, 0.1], [0.0, 0.3]])
+        diffusion = lambda t, y, args: args[2] * matrix * (1 + 0.2 * t)
+    else:  # diagonal, hence commutative
+        diffusion = lambda t, y, args: lx.DiagonalLinearOperator(args[2] * jnp.cos(y))
+    return diffrax.MultiTerm(
+        diffrax.ODETerm(drift), diffrax.ControlTerm(diffusion, brownian)
+    )
+
+
+_ARGS = jnp.array([0.7, 1.3, 0.9])
+# Diffrax's documented strong orders: additive noise, and diagonal (commutative) noise.
+_strong_order = {
+    ("ShARK", "additive"): 1.5,
+    ("SRA1", "additive"): 1.5,
+    ("SEA", "additive"): 1.0,
+    ("SPaRK", "additive"): 1.5,
+    ("SPaRK", "diagonal"): 1.0,
+    ("GeneralShARK", "additive"): 1.5,
+    ("GeneralShARK", "diagonal"): 1.0,
+    ("SlowRK", "additive"): 1.5,
+    ("SlowRK", "diagonal"): 1.5,
+}
+
+
+def _noises(name):
+    return ["additive"] if name in additive_only else ["additive", "diagonal"]
+
+
+@pytest.mark.parametrize("name", srk_bases)
+def test_base_step_undone_by_the_backward_step(name):
+    # One base step forward, then the same base step from its end back to its start,
+    # on the same path: the start comes back up to the base's local error. A wrong
+    # sign of the space-time Lévy area over the reversed interval (Diffrax #598, in
+    # `diffeqsolve`'s backward solves) would leave an O(h^1.5) term.
+    solver = srk_bases[name]()
+    noise = _noises(name)[-1]
+
+    @jax.jit
+    def round_trip(key, h):
+        terms = _terms(_brownian(key), noise)
+        x0, t0 = jnp.array([1.0, -0.5]), 0.25
+        state = solver.init(terms, t0, t0 + h, x0, _ARGS)
+        x1, *_ = solver.step(terms, t0, t0 + h, x0, _ARGS, state, made_jump=True)
+        state = solver.init(terms, t0 + h, t0, x1, _ARGS)
+        back, *_ = solver.step(terms, t0 + h, t0, x1, _ARGS, state, made_jump=True)
+        return jnp.linalg.norm(back - x0)
+
+    keys = jr.split(jr.key(0), 16)
+    hs = [2.0**-k for k in range(3, 8)]
+    errors = [float(jnp.mean(jax.vmap(round_trip, (0, None))(keys, h))) for h in hs]
+    slope = np.polyfit(np.log2(hs), np.log2(errors), 1)[0]
+    # The mean-square local error is of order (strong order + 1/2).
+    expected = _strong_order[name, noise] + 0.5
+    assert slope > expected - 0.3, f"{name}: slope {slope:.2f}, {errors=}"
+
+
+@pytest.mark.parametrize("name", srk_bases)
+@pytest.mark.parametrize("controller", ["constant", "pid"])
+def test_gradients_match_recursive_checkpoint(name, controller):
+    if controller == "pid" and name not in adaptive:
+        pytest.skip(f"{name} has no error estimate: Diffrax refuses adaptive steps")
+    for noise in _noises(name):
+        terms = _terms(_brownian(jr.key(3)), noise)
+        stepsize_controller = (
+            diffrax.PIDController(rtol=1e-4, atol=1e-4)
+            if controller == "pid"
+            else diffrax.ConstantStepSize()
+        )
+
+        def loss(adjoint, y0, args):
+            sol = diffrax.diffeqsolve(
+                terms,
+                dr.Reversible(srk_bases[name]()),
+                0.0,
+                1.0,
+                0.05,
+                y0,
+                args,
+                saveat=diffrax.SaveAt(ts=jnp.linspace(0.0, 1.0, 5)),
+                stepsize_controller=stepsize_controller,
+                adjoint=adjoint,
+                max_steps=400,
+            )
+            return jnp.sum(sol.ys**2)
+
+        check_against_recursive_checkpoint(loss, jnp.array([1.0, -0.5]), _ARGS)
+
+
+@pytest.mark.parametrize("name", additive_only)
+def test_additive_only_tableau_rejects_state_dependent_noise(name):
+    with pytest.raises(ValueError, match="independent of y"):  # Diffrax's own error
+        diffrax.diffeqsolve(
+            _terms(_brownian(jr.key(0)), "diagonal"),
+            dr.Reversible(srk_bases[name]()),
+            0.0,
+            1.0,
+            0.1,
+            jnp.array([1.0, -0.5]),
+            _ARGS,
+            adjoint=dr.ReversibleAdjoint(),
+        )
+
+
+def test_brownian_path_without_levy_area_is_rejected():
+    brownian = diffrax.VirtualBrownianTree(
+        0.0, 1.0, tol=2**-8, shape=(2,), key=jr.key(0)
+    )
+    with pytest.raises(ValueError, match="not compatible with solver"):  # Diffrax's own
+        diffrax.diffeqsolve(
+            _terms(brownian, "additive"),
+            dr.Reversible(diffrax.ShARK()),
+            0.0,
+            1.0,
+            0.1,
+            jnp.array([1.0, -0.5]),
+            _ARGS,
+            adjoint=dr.ReversibleAdjoint(),
+        )
