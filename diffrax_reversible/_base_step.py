@@ -307,7 +307,9 @@ def check_base_solver(solver: diffrax.AbstractSolver) -> None:
             "solver cannot be undone this way). Supported: explicit Runge--Kutta "
             "solvers (`Euler`, `Heun`, `Midpoint`, `Ralston`, `Bosh3`, `Tsit5`, "
             "`Dopri5`, `Dopri8`, or any `AbstractERK` with a `ButcherTableau`), "
-            "`EulerHeun`, `ItoMilstein` and `StratonovichMilstein`."
+            "`EulerHeun`, `ItoMilstein`, `StratonovichMilstein`, and the stochastic "
+            "Runge--Kutta solvers (`AbstractSRK`: `ShARK`, `SRA1`, `SEA`, `SPaRK`, "
+            "`GeneralShARK`, `SlowRK`)."
         )
 
 

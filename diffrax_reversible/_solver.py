@@ -36,6 +36,7 @@ from ._coupling import (
 from ._custom_types import Args, BoolScalarLike, DenseInfo, RealScalarLike, VF, Y
 from ._diffrax_internals import linear_rescale
 from ._misc import is_none, tree_add
+from ._srk import srk_step
 
 
 # Above this many bytes of stage activations, a base step's VJP in the backward pass
@@ -217,6 +218,30 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
     Runge--Kutta solvers are unrolled, with the same arithmetic as Diffrax's own step,
     or, on large states, run in a loop one at a time (see `scan_kind` and
     `per_stage_vjp`).
+
+    ??? info "Stochastic Runge--Kutta solvers: the Lévy areas over a reversed step"
+
+        Diffrax's SRK solvers ([`diffrax.ShARK`][], [`diffrax.SRA1`][],
+        [`diffrax.SEA`][], [`diffrax.SPaRK`][], [`diffrax.GeneralShARK`][],
+        [`diffrax.SlowRK`][]) use the space-time Lévy area `H` of the Brownian path
+        (so a `diffrax.VirtualBrownianTree(..., levy_area=diffrax.SpaceTimeLevyArea)`),
+        and `Φ_{-h}` needs it over a reversed interval. With `h = t1 - t0`,
+        `B(u) = W_{t0,u} - (u - t0)/h W_{t0,t1}` the Brownian bridge, and
+
+        ```
+        H_{t0,t1} = (1/h) ∫_{t0}^{t1} B(u) du
+        K_{t0,t1} = (1/h²) ∫_{t0}^{t1} B(u) (h/2 - (u - t0)) du
+        ```
+
+        (`K` the space-time-time Lévy area), swapping `t0` and `t1` leaves the bridge
+        and the weight `h/2 - (u - t0)` unchanged and negates the integral and `h`. So
+        over a reversed interval `W` and `K` change sign and `H` does not:
+        `H_{t1,t0} = H_{t0,t1}`. Each SRK step is taken as a step forward in the
+        reflected time `s = sign(h) t`, with the increments `(|h|, W_{t0,t1},
+        H_{t0,t1}, K_{t0,t1})`, which Diffrax's step then uses as it does forwards, in
+        0.7.2 and after its fix of backward SRK solves (diffrax issue #598). Solves
+        backwards in time (`t1 < t0`) are right too, where Diffrax 0.7.2's own SRK
+        steps are not.
 
     !!! info
 
@@ -645,6 +670,8 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
                 )
             return x1, error, dense_info, diffrax.RESULTS.successful
         solver = self._solver_with_scan_kind()
+        if isinstance(solver, diffrax.AbstractSRK):
+            return srk_step(solver, terms, t0, t1, x0, args)
         # A fresh state and `made_jump=True` make first-same-as-last solvers evaluate
         # their first stage at `x0`, instead of reusing one from another trajectory.
         solver_state = solver.init(terms, t0, t1, x0, args)
@@ -744,8 +771,11 @@ Reversible.__init__.__doc__ = """**Arguments:**
 
 - `solver`: the explicit solver to make reversible, e.g. `diffrax.Tsit5()`. Implicit
     solvers, solvers that carry state between steps (`diffrax.ReversibleHeun`,
-    `diffrax.LeapfrogMidpoint`, `Reversible` itself) and stochastic Runge--Kutta solvers
-    with Lévy area raise a `ValueError`.
+    `diffrax.LeapfrogMidpoint`, `Reversible` itself) and the underdamped Langevin
+    solvers raise a `ValueError`. For SDEs: a Stratonovich base (`diffrax.Heun()`,
+    `Midpoint()`, `Ralston()`, `EulerHeun()`), or a stochastic Runge--Kutta solver
+    with space-time Lévy area (`diffrax.ShARK()`, `SRA1()`, `SEA()` for additive
+    noise; `SPaRK()`, `GeneralShARK()`, `SlowRK()` for general or commutative noise).
 - `coupling_parameter`: the coupling `λ` between the two states: `"auto"` (the
     default) to choose it per step from the local decay of the dynamics, as above; or a
     fixed number in `(0, 1]`. A fixed value close to 1 (such as 0.999, the paper's)

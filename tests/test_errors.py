@@ -54,11 +54,6 @@ def test_stateful_base(base):
         dr.Reversible(base)
 
 
-def test_levy_area_srk_base():
-    with pytest.raises(ValueError, match="#598"):
-        dr.Reversible(diffrax.ShARK())
-
-
 @pytest.mark.parametrize("coupling", [0.0, -0.5, 1.5, jnp.array(2.0)])
 def test_coupling_out_of_range(coupling):
     with pytest.raises(ValueError, match=r"must lie in \(0, 1\]"):
