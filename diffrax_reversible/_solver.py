@@ -34,7 +34,7 @@ from ._coupling import (
     with_gap_growth,
 )
 from ._custom_types import Args, BoolScalarLike, DenseInfo, RealScalarLike, VF, Y
-from ._diffrax_internals import linear_rescale
+from ._diffrax_internals import is_sde, linear_rescale
 from ._misc import is_none, tree_add
 from ._srk import srk_step
 
@@ -357,7 +357,9 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
             [jnp.maximum(a, b) for a, b in zip(solver_state.peak, leaf_scales(y1))]
         )
         tol = PARASITIC_TOL if (self.solver.order(terms) or 1) > 1 else FIRST_ORDER_TOL
-        unstable = gap_is_unstable(gap0, gap1, y0, y1, increment, peak, tol)
+        unstable = gap_is_unstable(
+            gap0, gap1, y0, y1, increment, peak, tol, noisy=is_sde(terms)
+        )
         result = _first_failure(result1, result2, report_instability(unstable))
         state1 = _ReversibleState(
             z=z1, peak=peak, log_growth=solver_state.log_growth + log_growth
