@@ -2,6 +2,7 @@
 
     python benchmarks/adjoints.py --quick     # under a minute
     python benchmarks/adjoints.py             # every regime and step count
+    python benchmarks/adjoints.py --sde       # the Neural SDE regimes only
 
 Prints markdown tables and writes the numbers to `benchmarks/results/adjoints.json`.
 Timings are medians over repeats after compilation; memory is the temporary memory of
@@ -241,7 +242,9 @@ def print_table(title, rows, reversible=label(REVERSIBLE)):
         )
 
 
-def neural_sde_problem(state, width, paths, steps, dtype, seed=5678):
+def neural_sde_problem(state, width, paths, steps, dtype, seed=5678, noise="diagonal"):
+    """`noise="diagonal"`: the diffusion an MLP of the state; `"additive"`: of the time
+    alone, on a Brownian tree with space-time Lévy area (for `ShARK`)."""
     drift_key, diffusion_key, data_key = jr.split(jr.PRNGKey(seed), 3)
     mlp = lambda key, out: eqx.nn.MLP(
         state, out, width, 1, jnp.tanh, key=key, dtype=dtype
@@ -252,13 +255,23 @@ def neural_sde_problem(state, width, paths, steps, dtype, seed=5678):
     def loss(model, keys, solver, adjoint):
         def solve(key):
             brownian = diffrax.VirtualBrownianTree(
-                0.0, 1.0, tol=1e-3, shape=jax.ShapeDtypeStruct((state,), dtype), key=key
+                0.0,
+                1.0,
+                tol=1e-3,
+                shape=jax.ShapeDtypeStruct((state,), dtype),
+                key=key,
+                levy_area=LEVY_AREA[noise],
             )
+            if noise == "additive":
+                sigma = lambda t, y, args: args[1](jnp.full(state, t, dtype))
+            else:
+                sigma = lambda t, y, args: args[1](y)
             # The networks travel in `args`, so that `BacksolveAdjoint` can run too.
             terms = diffrax.MultiTerm(
                 diffrax.ODETerm(lambda t, y, args: args[0](y)),
                 diffrax.ControlTerm(
-                    lambda t, y, args: lx.DiagonalLinearOperator(args[1](y)), brownian
+                    lambda t, y, args: lx.DiagonalLinearOperator(sigma(t, y, args)),
+                    brownian,
                 ),
             )
             y0 = jnp.ones(state, dtype)
@@ -267,6 +280,44 @@ def neural_sde_problem(state, width, paths, steps, dtype, seed=5678):
         return jnp.mean(jax.vmap(solve)(keys) ** 2)
 
     return model, keys, loss
+
+
+LEVY_AREA = {
+    "diagonal": diffrax.BrownianIncrement,
+    "additive": diffrax.SpaceTimeLevyArea,
+}
+
+
+def run_neural_sde(options, *, configs, steps_list):
+    """Neural SDEs: Heun on diagonal noise, and Heun against ShARK on additive noise."""
+    rows = []
+    title = (
+        "Neural SDE (base {base}): state 4, MLPs width 32, {noise} noise, 16 paths "
+        "(no float64 reference: the Brownian tree samples differently in float64)"
+    )
+    for base, noise in [
+        (diffrax.Heun, "diagonal"),
+        (diffrax.Heun, "additive"),
+        (diffrax.ShARK, "additive"),
+    ]:
+        make = lambda steps, dtype, noise=noise: neural_sde_problem(
+            4, 32, 16, steps, dtype, noise=noise
+        )
+        # The adjoint SDE of `BacksolveAdjoint` has state-dependent noise, which
+        # `ShARK` (additive noise only) refuses.
+        configs_here = [
+            c for c in configs if not (base is diffrax.ShARK and "Backsolve" in c)
+        ]
+        rows += run_problem(
+            title.format(base=base.__name__, noise=noise),
+            make,
+            steps_list=steps_list,
+            configs=configs_here,
+            repeats=options.repeats,
+            base=base,
+            reference=False,
+        )
+    return rows
 
 
 def neural_cde_problem(hidden, channels, batch, steps, dtype, seed=5678):
@@ -359,8 +410,12 @@ def main():
     parser.add_argument("--quick", action="store_true", help="under a minute")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
+        "--sde", action="store_true", help="only the Neural SDE regimes (Heun, ShARK)"
+    )
+    parser.add_argument(
         "--out",
-        default=str(pathlib.Path(__file__).parent / "results" / "adjoints.json"),
+        default=None,
+        help="default: results/adjoints.json (adjoints_sde.json with --sde)",
     )
     options = parser.parse_args()
     jax.config.update("jax_enable_x64", True)  # for the float64 reference gradients
@@ -375,7 +430,10 @@ def main():
         "{base}+RecursiveCheckpoint",
     ]
     rows = []
-    if options.quick:
+    if options.sde:
+        every = [c for c in CONFIGS if c not in (LOOPED_STAGES, UNROLLED_STAGES)]
+        rows += run_neural_sde(options, configs=every, steps_list=[100, 1000])
+    elif options.quick:
         rows += run_neural_ode(
             "tiny",
             state=2,
@@ -445,17 +503,7 @@ def main():
             ),
             repeats=options.repeats,
         )
-        rows += run_problem(
-            "Neural SDE (base Heun): state 4, MLPs width 32, "
-            "diagonal noise, 16 paths (no float64 reference: the Brownian tree "
-            "samples differently in float64)",
-            lambda steps, dtype: neural_sde_problem(4, 32, 16, steps, dtype),
-            steps_list=[100, 1000],
-            configs=every,
-            repeats=options.repeats,
-            base=diffrax.Heun,
-            reference=False,
-        )
+        rows += run_neural_sde(options, configs=every, steps_list=[100, 1000])
         rows += run_problem(
             "Neural CDE: hidden 8, 3 channels, batch 32 series of 50 points, "
             "cubic interpolation",
@@ -464,7 +512,9 @@ def main():
             configs=every,
             repeats=options.repeats,
         )
-    write_rows(rows, options.out)
+    name = "adjoints_sde.json" if options.sde else "adjoints.json"
+    default_out = pathlib.Path(__file__).parent / "results" / name
+    write_rows(rows, options.out or default_out)
 
 
 if __name__ == "__main__":
