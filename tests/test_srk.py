@@ -151,19 +151,23 @@ def test_gradients_match_recursive_checkpoint(name, controller):
         check_against_recursive_checkpoint(loss, jnp.array([1.0, -0.5]), _ARGS)
 
 
+def _solve(terms, base):
+    return diffrax.diffeqsolve(
+        terms,
+        dr.Reversible(base),
+        0.0,
+        1.0,
+        0.1,
+        jnp.array([1.0, -0.5]),
+        _ARGS,
+        adjoint=dr.ReversibleAdjoint(),
+    )
+
+
 @pytest.mark.parametrize("name", additive_only)
 def test_additive_only_tableau_rejects_state_dependent_noise(name):
     with pytest.raises(ValueError, match="independent of y"):  # Diffrax's own error
-        diffrax.diffeqsolve(
-            _terms(_brownian(jr.key(0)), "diagonal"),
-            dr.Reversible(srk_bases[name]()),
-            0.0,
-            1.0,
-            0.1,
-            jnp.array([1.0, -0.5]),
-            _ARGS,
-            adjoint=dr.ReversibleAdjoint(),
-        )
+        _solve(_terms(_brownian(jr.key(0)), "diagonal"), srk_bases[name]())
 
 
 def test_brownian_path_without_levy_area_is_rejected():
@@ -171,16 +175,7 @@ def test_brownian_path_without_levy_area_is_rejected():
         0.0, 1.0, tol=2**-8, shape=(2,), key=jr.key(0)
     )
     with pytest.raises(ValueError, match="not compatible with solver"):  # Diffrax's own
-        diffrax.diffeqsolve(
-            _terms(brownian, "additive"),
-            dr.Reversible(diffrax.ShARK()),
-            0.0,
-            1.0,
-            0.1,
-            jnp.array([1.0, -0.5]),
-            _ARGS,
-            adjoint=dr.ReversibleAdjoint(),
-        )
+        _solve(_terms(brownian, "additive"), diffrax.ShARK())
 
 
 @functools.cache
