@@ -74,7 +74,7 @@ def exact_solution(sde: str, path) -> jax.Array:
         noise = SIGMA_OU * (W + THETA * delta * (W / 2 - H))
         return decay * (x + noise), None
 
-    grid = jnp.arange(2**FINE_LEVELS) * delta
+    grid = jnp.arange(2**FINE_LEVELS, dtype=jnp.result_type(float)) * delta
     x1, _ = jax.lax.scan(fine_step, jnp.asarray(X0), grid)
     return x1
 
