@@ -222,9 +222,10 @@ class Reversible(diffrax.AbstractWrappedSolver[_SolverState]):
     ??? info "Stochastic Runge--Kutta solvers: the Lévy areas over a reversed step"
 
         Diffrax's SRK solvers (`diffrax.ShARK`, `diffrax.SRA1`, `diffrax.SEA`,
-        `diffrax.SPaRK`, `diffrax.GeneralShARK`, `diffrax.SlowRK`) use the space-time Lévy area `H` of the Brownian path
-        (so a `diffrax.VirtualBrownianTree(..., levy_area=diffrax.SpaceTimeLevyArea)`),
-        and `Φ_{-h}` needs it over a reversed interval. With `h = t1 - t0`,
+        `diffrax.SPaRK`, `diffrax.GeneralShARK`, `diffrax.SlowRK`) use the
+        space-time Lévy area `H` of the Brownian path (so a
+        `diffrax.VirtualBrownianTree(..., levy_area=diffrax.SpaceTimeLevyArea)`), and
+        `Φ_{-h}` needs it over a reversed interval. With `h = t1 - t0`,
         `B(u) = W_{t0,u} - (u - t0)/h W_{t0,t1}` the Brownian bridge, and
 
         ```

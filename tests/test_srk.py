@@ -48,18 +48,8 @@ def _terms(brownian, noise):
 
 
 _ARGS = jnp.array([0.7, 1.3, 0.9])
-# Diffrax's documented strong orders: additive noise, and diagonal (commutative) noise.
-_strong_order = {
-    ("ShARK", "additive"): 1.5,
-    ("SRA1", "additive"): 1.5,
-    ("SEA", "additive"): 1.0,
-    ("SPaRK", "additive"): 1.5,
-    ("SPaRK", "diagonal"): 1.0,
-    ("GeneralShARK", "additive"): 1.5,
-    ("GeneralShARK", "diagonal"): 1.0,
-    ("SlowRK", "additive"): 1.5,
-    ("SlowRK", "diagonal"): 1.5,
-}
+# The SDE of `strong_order.DOCUMENTED_ORDERS` whose noise is of the same kind.
+_SDE_OF_NOISE = {"additive": "ou", "diagonal": "gbm"}
 
 
 def _noises(name):
@@ -88,7 +78,7 @@ def test_base_step_undone_by_the_backward_step(name):
     errors = [float(jnp.mean(jax.vmap(round_trip, (0, None))(keys, h))) for h in hs]
     slope = np.polyfit(np.log2(hs), np.log2(errors), 1)[0]
     # The mean-square local error is of order (strong order + 1/2).
-    expected = _strong_order[name, noise] + 0.5
+    expected = strong_order.DOCUMENTED_ORDERS[_SDE_OF_NOISE[noise], name] + 0.5
     assert slope > expected - 0.3, f"{name}: slope {slope:.2f}, {errors=}"
 
 
@@ -124,31 +114,30 @@ def test_gradients_match_recursive_checkpoint(name, controller):
         pytest.skip(f"{name} has no error estimate: Diffrax refuses adaptive steps")
     # The most general noise each tableau takes: the additive-noise tableaus run the
     # additive code path of Diffrax's step, the others the general one on any noise.
-    for noise in _noises(name)[-1:]:
-        terms = _terms(_brownian(jr.key(3)), noise)
-        stepsize_controller = (
-            diffrax.PIDController(rtol=1e-4, atol=1e-4)
-            if controller == "pid"
-            else diffrax.ConstantStepSize()
+    terms = _terms(_brownian(jr.key(3)), _noises(name)[-1])
+    stepsize_controller = (
+        diffrax.PIDController(rtol=1e-4, atol=1e-4)
+        if controller == "pid"
+        else diffrax.ConstantStepSize()
+    )
+
+    def loss(adjoint, y0, args):
+        sol = diffrax.diffeqsolve(
+            terms,
+            dr.Reversible(srk_bases[name]()),
+            0.0,
+            1.0,
+            0.05,
+            y0,
+            args,
+            saveat=diffrax.SaveAt(ts=jnp.linspace(0.0, 1.0, 5)),
+            stepsize_controller=stepsize_controller,
+            adjoint=adjoint,
+            max_steps=400,
         )
+        return jnp.sum(sol.ys**2)
 
-        def loss(adjoint, y0, args):
-            sol = diffrax.diffeqsolve(
-                terms,
-                dr.Reversible(srk_bases[name]()),
-                0.0,
-                1.0,
-                0.05,
-                y0,
-                args,
-                saveat=diffrax.SaveAt(ts=jnp.linspace(0.0, 1.0, 5)),
-                stepsize_controller=stepsize_controller,
-                adjoint=adjoint,
-                max_steps=400,
-            )
-            return jnp.sum(sol.ys**2)
-
-        check_against_recursive_checkpoint(loss, jnp.array([1.0, -0.5]), _ARGS)
+    check_against_recursive_checkpoint(loss, jnp.array([1.0, -0.5]), _ARGS)
 
 
 def _solve(terms, base):
